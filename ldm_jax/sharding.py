@@ -1,0 +1,84 @@
+"""Device mesh, parameter/batch shardings and global batch assembly.
+
+The mesh has two named axes, ``data`` and ``fsdp``. The batch is split over both; a
+parameter (or optimizer moment) is split along ``fsdp`` on its largest dimension that
+divides evenly, unless it is small, and replicated otherwise. With ``fsdp=1`` (default)
+this is pure data parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+# Arrays with fewer elements than this stay replicated under FSDP (norm scales, biases...).
+MIN_FSDP_SIZE = 2**14
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int]:
+    """Resolve ``{data: -1, fsdp: k}``-style sizes against the device count."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if num_devices % known:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices: "
+            f"{known} does not divide {num_devices}"
+        )
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices but "
+            f"{num_devices} are available; set one axis to -1"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """Split the largest evenly divisible dimension over ``fsdp``; replicate small arrays."""
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < MIN_FSDP_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array leaf of an (abstract) pytree by the FSDP rule."""
+    fsdp = mesh.shape["fsdp"]
+
+    def one(leaf):
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, param_spec(tuple(shape), fsdp))
+
+    return jax.tree.map(one, abstract_tree)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble per-process numpy batches into global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -1,0 +1,50 @@
+"""Train a model from an ml_collections config.
+
+  python train.py --config=configs/vae_f8.py[:tiny|:demo] [--workdir=DIR] [--config.key=value ...]
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: workdirs/<config name>).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for multi-process runs without a cluster environment "
+    "(TPU pods and SLURM are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    import jax
+
+    from ldm_jax import distributed
+
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
+    if config.trainer == "vae_gan":
+        from ldm_jax.trainers import vae_gan as trainer
+    else:
+        raise app.UsageError(f"unknown trainer {config.trainer!r} in config (known: vae_gan)")
+    if jax.process_index() == 0:
+        logging.info("workdir: %s", os.path.abspath(workdir))
+    trainer.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
