@@ -75,7 +75,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
         )
     )
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over both axes.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # num_devices: use only the first N devices (-1: all of them).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
     c.data = ml_collections.ConfigDict(
         dict(
             source="embedded",

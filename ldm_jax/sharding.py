@@ -44,6 +44,11 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int]:
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
+    n = int(mesh_cfg.get("num_devices", -1)) if hasattr(mesh_cfg, "get") else -1
+    if n > len(devices):
+        raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices are available")
+    if n > 0:
+        devices = devices[:n]
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

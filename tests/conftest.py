@@ -14,3 +14,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_compile_cache(tmp_path_factory):
+    """No network in tests; one persistent compilation cache for the whole session."""
+    os.environ["LDM_JAX_OFFLINE"] = "1"
+    cache = tmp_path_factory.mktemp("xla_cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield

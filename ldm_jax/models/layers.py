@@ -72,7 +72,7 @@ class GroupNorm(nnx.Module):
         mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
         y = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 

@@ -103,6 +103,9 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.Gradie
     return optax.chain(*parts)
 
 
+_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
 def _fresh(tree):
     """Rebuild a State's Variables in the current trace (NNX refuses to mutate Variables
     created by an outer trace, e.g. BatchNorm statistics closed over by ``jax.grad``)."""
@@ -220,8 +223,8 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             loss=total, nll_loss=nll, rec_loss=rec_mean, p_loss=p_mean, kl_loss=kl, g_loss=g_loss,
             d_loss=d_loss, d_weight=d_weight, disc_factor=factor,
             logvar=state.gen_params["logvar"], logits_real=jnp.mean(logits_real),
-            logits_fake=jnp.mean(logits_fake), gen_grad_norm=optax.global_norm(gen_grads),
-            disc_grad_norm=optax.global_norm(disc_grads),
+            logits_fake=jnp.mean(logits_fake), gen_grad_norm=_norm(gen_grads),
+            disc_grad_norm=_norm(disc_grads),
             skipped=(~finite).astype(jnp.float32))
         # Keep non-finite values out of the running averages; `skipped` counts them.
         out = {k: jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) for k, v in out.items()}

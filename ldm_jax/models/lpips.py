@@ -1,0 +1,474 @@
+"""LPIPS v0.1 (VGG16) perceptual distance in Flax NNX, NHWC.
+
+``LPIPS(x, y)`` matches ``lpips.LPIPS(net='vgg', version='0.1')`` (Zhang et al. 2018) given
+the same weights: inputs in [-1, 1] -> fixed scaling layer -> VGG16 ``features`` up to
+relu5_3 -> per-layer unit normalisation over channels -> squared difference -> non-negative
+1x1 heads -> spatial mean -> sum over the five layers. Returns one distance per image.
+
+Frozen weights: every VGG16 and head weight is a ``FrozenWeight`` variable, not an
+``nnx.Param``. A training model that owns an ``LPIPS`` therefore keeps these weights out
+of ``nnx.state(model, nnx.Param)``, out of ``nnx.Optimizer(..., wrt=nnx.Param)`` and out of
+``nnx.grad`` (which differentiates ``nnx.Param`` by default); the forward also wraps them in
+``stop_gradient``. Gradients still flow to the *inputs*, which is what the VAE loss needs.
+
+Weights: ``create_lpips`` finds, converts (``ldm_jax.convert.lpips_weights``) or downloads
+torchvision's ``vgg16-397923af.pth`` and lpips' ``v0.1/vgg.pth`` into ``default_cache_dir()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldm_jax.convert.lpips_weights import (
+    HEAD_CHANNELS,
+    VGG16_LAYERS,
+    convert_lpips_files,
+    convert_lpips_heads,
+    convert_vgg16,
+    save_npz_atomic,
+)
+from ldm_jax.convert.torch_pickle import load_torch_state_dict
+
+__all__ = [
+    "FrozenWeight",
+    "VGG16Features",
+    "LPIPS",
+    "LPIPSWeightsMissingError",
+    "load_lpips_params",
+    "set_lpips_params",
+    "default_cache_dir",
+    "create_lpips",
+    "LPIPS_NPZ_NAME",
+    "VGG16_PTH_NAME",
+    "HEADS_PTH_NAME",
+    "VGG16_URL",
+    "HEADS_URL",
+]
+
+Dtype = Any
+log = logging.getLogger(__name__)
+
+LPIPS_NPZ_NAME = "lpips_vgg16_v0.1.npz"
+VGG16_PTH_NAME = "vgg16-397923af.pth"
+HEADS_PTH_NAME = "lpips_v0.1_vgg.pth"  # name of lpips' v0.1/vgg.pth inside our cache dir
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+HEADS_URL = (
+    "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+)
+_VGG16_SHA256_PREFIX = "397923af"  # torchvision names its files by sha256 prefix
+_DOWNLOAD_TIMEOUT_S = 10.0
+
+# lpips' ScalingLayer constants: (x - shift) / scale on inputs in [-1, 1].
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+_EPS = 1e-10
+
+
+class FrozenWeight(nnx.Variable):
+    """A pretrained weight that is never trained (VGG16 convs, LPIPS heads).
+
+    Deliberately not an ``nnx.Param``: filters on ``nnx.Param`` (optimizers, ``nnx.grad``,
+    ``nnx.state(model, nnx.Param)``) skip it.
+    """
+
+
+class LPIPSWeightsMissingError(FileNotFoundError):
+    """Pretrained LPIPS/VGG16 weights could not be found, converted or downloaded."""
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _FrozenConv3x3(nnx.Module):
+    """3x3 stride-1 'same' (padding 1) convolution with frozen kernel and bias."""
+
+    def __init__(self, kernel: jax.Array, bias: jax.Array, *, dtype: Dtype):
+        self.kernel = FrozenWeight(kernel)  # [3, 3, in, out]
+        self.bias = FrozenWeight(bias)  # [out]
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = jax.lax.stop_gradient(self.kernel[...]).astype(self.dtype)
+        bias = jax.lax.stop_gradient(self.bias[...]).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel,
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias
+
+
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+
+
+class VGG16Features(nnx.Module):
+    """The 13 conv layers of torchvision ``vgg16().features`` (NHWC, frozen weights).
+
+    Returns the activations after relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3
+    (64, 128, 256, 512, 512 channels), in ``dtype``. A 2x2/2 max-pool precedes blocks 2-5.
+    """
+
+    def __init__(
+        self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        self.dtype = dtype
+        # torchvision's init: kaiming normal (fan_out, ReLU gain), zero bias. One normal
+        # draw for all 13 kernels: much faster on CPU than 13 separately shaped draws.
+        sizes = [9 * cin * cout for _n, _i, cin, cout in VGG16_LAYERS]
+        flat = jax.random.normal(rngs.params(), (sum(sizes),), jnp.float32)
+        start = 0
+        for (name, _idx, cin, cout), size in zip(VGG16_LAYERS, sizes):
+            std = math.sqrt(2.0 / (9 * cout))
+            kernel = (std * flat[start : start + size]).reshape(3, 3, cin, cout)
+            start += size
+            bias = jnp.zeros((cout,), param_dtype)
+            setattr(self, name, _FrozenConv3x3(kernel.astype(param_dtype), bias, dtype=dtype))
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        outs: list[jax.Array] = []
+        h = x.astype(self.dtype)
+        block = 1
+        for name, _idx, _cin, _cout in VGG16_LAYERS:
+            b = int(name[4])
+            if b != block:  # entering a new block: emit the previous one, then pool
+                outs.append(h)
+                h = _max_pool_2x2(h)
+                block = b
+            h = jax.nn.relu(getattr(self, name)(h))
+        outs.append(h)
+        return outs
+
+
+class _Head(nnx.Module):
+    """LPIPS 1x1 linear head without bias, weights kept >= 0 (frozen)."""
+
+    def __init__(self, channels: int, *, param_dtype: Dtype):
+        # Without pretrained heads: weight 1, i.e. lpips' uncalibrated "sum over channels".
+        self.weight = FrozenWeight(jnp.ones((channels,), param_dtype))
+
+    def __call__(self, d: jax.Array) -> jax.Array:
+        w = jax.lax.stop_gradient(self.weight[...]).astype(jnp.float32)
+        return jnp.einsum("bhwc,c->bhw", d, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def _unit_normalize(f: jax.Array) -> jax.Array:
+    """``f / (||f||_channels + 1e-10)``; gradient-safe where a feature vector is all zero."""
+    ss = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+    pos = ss > 0
+    norm = jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
+    return f / (norm + _EPS)
+
+
+class LPIPS(nnx.Module):
+    """LPIPS v0.1 distance with a VGG16 trunk. ``__call__(x, y) -> [B]`` float32.
+
+    ``x`` and ``y`` are NHWC images in [-1, 1] of any float dtype. The VGG runs in ``dtype``
+    (e.g. bf16); normalisation, differences and heads run in float32. All weights are
+    ``FrozenWeight`` (never ``nnx.Param``), so optimizers of an enclosing model never see
+    them; see the module docstring.
+    """
+
+    def __init__(
+        self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        self.dtype = dtype
+        self.vgg = VGG16Features(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for k, c in enumerate(HEAD_CHANNELS):
+            setattr(self, f"lin{k}", _Head(c, param_dtype=param_dtype))
+
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"LPIPS expects two NHWC RGB batches of equal shape, got {x.shape} and {y.shape}"
+            )
+        b = x.shape[0]
+        shift = jnp.asarray(_SHIFT, jnp.float32)
+        scale = jnp.asarray(_SCALE, jnp.float32)
+        xy = jnp.concatenate([x.astype(jnp.float32), y.astype(jnp.float32)], axis=0)
+        feats = self.vgg((xy - shift) / scale)  # one trunk pass for both batches
+        total = jnp.zeros((b,), jnp.float32)
+        for k, f in enumerate(feats):
+            f = _unit_normalize(f.astype(jnp.float32))
+            d = jnp.square(f[:b] - f[b:])
+            total = total + jnp.mean(getattr(self, f"lin{k}")(d), axis=(1, 2))
+        return total
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _frozen_weights(model: LPIPS) -> dict[str, FrozenWeight]:
+    """``{'vgg/conv1_1/kernel': variable, ..., 'lin0/weight': variable}``."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, FrozenWeight):
+            out["/".join(str(p) for p in path)] = node
+    return out
+
+
+def set_lpips_params(
+    model: LPIPS, arrays: Mapping[str, np.ndarray], *, partial: bool = False
+) -> None:
+    """Copy converted arrays into ``model``.
+
+    Strict unless ``partial``: unknown keys, and (when not ``partial``) missing keys or any
+    shape mismatch raise one ValueError listing them all. Values are cast to each
+    variable's existing dtype.
+    """
+    targets = _frozen_weights(model)
+    unknown = sorted(k for k in arrays if k not in targets)
+    missing = [] if partial else sorted(k for k in targets if k not in arrays)
+    mismatched = sorted(
+        f"{k}: got {tuple(np.shape(arrays[k]))}, model has {tuple(targets[k].shape)}"
+        for k in arrays
+        if k in targets and tuple(np.shape(arrays[k])) != tuple(targets[k].shape)
+    )
+    if unknown or missing or mismatched:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {unknown}")
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if mismatched:
+            parts.append(f"shape mismatches [{'; '.join(mismatched)}]")
+        raise ValueError("LPIPS weights do not fit the model: " + ", ".join(parts))
+    for k, a in arrays.items():
+        var = targets[k]
+        var.set_value(jnp.asarray(np.asarray(a), dtype=var.get_value().dtype))
+
+
+def load_lpips_params(model: LPIPS, path: str | os.PathLike) -> None:
+    """Load a converted ``.npz`` (see ``ldm_jax.convert.lpips_weights``) strictly into ``model``."""
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    try:
+        set_lpips_params(model, arrays)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def default_cache_dir() -> str:
+    """``$LDM_JAX_CACHE`` if set, else ``~/.cache/ldm_jax``."""
+    env = os.environ.get("LDM_JAX_CACHE")
+    return os.path.abspath(os.path.expanduser(env if env else "~/.cache/ldm_jax"))
+
+
+def _offline() -> bool:
+    return os.environ.get("LDM_JAX_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _torch_hub_checkpoints_dir() -> str:
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
+    )
+    return os.path.join(os.path.expanduser(torch_home), "hub", "checkpoints")
+
+
+def _lpips_package_heads() -> str | None:
+    """Path of ``weights/v0.1/vgg.pth`` inside an installed ``lpips`` (without importing it)."""
+    try:
+        spec = importlib.util.find_spec("lpips")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, "weights", "v0.1", "vgg.pth")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _find_vgg16_source(cache: str) -> str | None:
+    for d in (cache, _torch_hub_checkpoints_dir()):
+        path = os.path.join(d, VGG16_PTH_NAME)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _find_heads_source(cache: str) -> str | None:
+    path = os.path.join(cache, HEADS_PTH_NAME)
+    if os.path.isfile(path):
+        return path
+    return _lpips_package_heads()
+
+
+def _download(url: str, dest: str, sha256_prefix: str | None = None) -> str:
+    """Fetch ``url`` to ``dest`` atomically; raises OSError (incl. URLError) on failure."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp-{socket.gethostname()}-{os.getpid()}"
+    log.info("LPIPS: downloading %s -> %s", url, dest)
+    try:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
+            raise OSError(f"checksum mismatch for {url} (sha256 {digest.hexdigest()[:8]}...)")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def _try_download(
+    url: str, dest: str, notes: list[str], sha256_prefix: str | None = None
+) -> str | None:
+    """``_download`` that records the failure in ``notes`` and returns None instead."""
+    try:
+        return _download(url, dest, sha256_prefix)
+    except (urllib.error.URLError, OSError, ValueError, TimeoutError) as e:
+        notes.append(f"download of {url} failed ({e})")
+    except Exception as e:  # noqa: BLE001 - any network failure just means "not available"
+        notes.append(f"download of {url} failed ({type(e).__name__}: {e})")
+    return None
+
+
+def _missing_message(
+    cache: str, vgg_src: str | None, heads_src: str | None, notes: list[str]
+) -> str:
+    need = []
+    if vgg_src is None:
+        need.append(f"  {VGG16_PTH_NAME} (torchvision VGG16 ImageNet weights) from {VGG16_URL}")
+    if heads_src is None:
+        need.append(
+            f"  {HEADS_PTH_NAME} (lpips v0.1 VGG heads, lpips' weights/v0.1/vgg.pth) "
+            f"from {HEADS_URL}"
+        )
+    vgg = vgg_src or os.path.join(cache, VGG16_PTH_NAME)
+    heads = heads_src or os.path.join(cache, HEADS_PTH_NAME)
+    out = os.path.join(cache, LPIPS_NPZ_NAME)
+    lines = [
+        "LPIPS pretrained weights not found. Download:",
+        *need,
+        f"and place {'it' if len(need) == 1 else 'them'} in {cache} (set $LDM_JAX_CACHE to use "
+        "another directory); the next run converts automatically, or convert yourself:",
+        f"  python -m ldm_jax.convert.lpips_weights --vgg16 {vgg} --heads {heads} --out {out}",
+    ]
+    if heads_src is not None:
+        lines.append(f"(LPIPS heads found at {heads_src}.)")
+    if notes:
+        lines.append("Automatic download: " + "; ".join(notes) + ".")
+    lines.append(
+        "To run without pretrained LPIPS use missing='random' (random VGG) or missing='disable'."
+    )
+    return "\n".join(lines)
+
+
+def _unloaded_lpips(dtype: Dtype) -> LPIPS:
+    """An LPIPS whose weights are shape placeholders, to be fully overwritten by a load."""
+    return nnx.eval_shape(lambda: LPIPS(dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def create_lpips(
+    weights_path: str | None = None,
+    *,
+    missing: str = "error",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> tuple[LPIPS | None, str]:
+    """Build an LPIPS model with pretrained weights; returns ``(model or None, status line)``.
+
+    Order: explicit ``weights_path`` (converted ``.npz``; missing -> error regardless of
+    ``missing``) -> ``default_cache_dir()/lpips_vgg16_v0.1.npz`` -> convert the two source
+    ``.pth`` files if found (cache dir, torch hub cache, installed ``lpips`` package) ->
+    download them (skipped when ``LDM_JAX_OFFLINE=1``) and convert. If all fail,
+    ``missing`` decides: ``"error"`` raises ``LPIPSWeightsMissingError`` naming the files,
+    URLs, directory and conversion command; ``"random"`` returns a randomly initialised
+    VGG (real heads if available, else weight-1 heads); ``"disable"`` returns ``None``.
+    """
+    if missing not in ("error", "random", "disable"):
+        raise ValueError(f"missing must be 'error', 'random' or 'disable', got {missing!r}")
+
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise LPIPSWeightsMissingError(
+                f"LPIPS weights file {weights_path} does not exist. Create it from "
+                f"{VGG16_URL} and {HEADS_URL} with: python -m ldm_jax.convert.lpips_weights "
+                f"--vgg16 {VGG16_PTH_NAME} --heads vgg.pth --out {weights_path}"
+            )
+        model = _unloaded_lpips(dtype)
+        load_lpips_params(model, weights_path)
+        return model, f"LPIPS: loaded VGG16 + v0.1 heads from {weights_path}"
+
+    cache = default_cache_dir()
+    npz = os.path.join(cache, LPIPS_NPZ_NAME)
+    if os.path.isfile(npz):
+        model = _unloaded_lpips(dtype)
+        load_lpips_params(model, npz)
+        return model, f"LPIPS: loaded VGG16 + v0.1 heads from {npz}"
+
+    vgg_src, heads_src = _find_vgg16_source(cache), _find_heads_source(cache)
+    notes: list[str] = []
+    if vgg_src is None or heads_src is None:
+        if _offline():
+            notes.append("skipped (LDM_JAX_OFFLINE is set)")
+        else:
+            if vgg_src is None:
+                vgg_src = _try_download(
+                    VGG16_URL, os.path.join(cache, VGG16_PTH_NAME), notes, _VGG16_SHA256_PREFIX
+                )
+            if heads_src is None:
+                heads_src = _try_download(HEADS_URL, os.path.join(cache, HEADS_PTH_NAME), notes)
+
+    if vgg_src is not None and heads_src is not None:
+        arrays = convert_lpips_files(vgg_src, heads_src)
+        model = _unloaded_lpips(dtype)
+        set_lpips_params(model, arrays)
+        try:
+            save_npz_atomic(arrays, npz)
+            where = f"converted to {npz}"
+        except OSError as e:
+            where = f"not cached ({e})"
+        return model, f"LPIPS: loaded VGG16 {vgg_src} + heads {heads_src} ({where})"
+
+    if missing == "error":
+        raise LPIPSWeightsMissingError(_missing_message(cache, vgg_src, heads_src, notes))
+    absent = ", ".join(
+        n for n, s in ((VGG16_PTH_NAME, vgg_src), (HEADS_PTH_NAME, heads_src)) if s is None
+    )
+    reason = f"no {absent} in {cache}"
+    if missing == "disable":
+        return None, f"LPIPS: pretrained weights missing ({reason}); perceptual loss disabled"
+    model = LPIPS(dtype=dtype, rngs=rngs)
+    heads_note = "weight-1 heads"
+    if vgg_src is not None:
+        set_lpips_params(model, convert_vgg16(load_torch_state_dict(vgg_src)), partial=True)
+    if heads_src is not None:
+        set_lpips_params(model, convert_lpips_heads(load_torch_state_dict(heads_src)), partial=True)
+        heads_note = f"heads from {heads_src}"
+    if vgg_src is None:
+        return model, (
+            f"LPIPS: no VGG16 ImageNet weights found ({reason}); using RANDOM VGG features "
+            f"({heads_note}) — perceptual term is not meaningful"
+        )
+    return model, (
+        f"LPIPS: VGG16 from {vgg_src} but no LPIPS v0.1 heads ({reason}); using weight-1 heads "
+        "(uncalibrated LPIPS)"
+    )

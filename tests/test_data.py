@@ -1,0 +1,477 @@
+"""Tests of the grain input pipelines (ldm_jax.data). CPU only, a few seconds."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from ldm_jax import data as data_lib
+from ldm_jax.data import sources, transforms
+
+RES = 32
+
+
+def _cfg(**kw):
+    base = dict(
+        source="embedded",
+        path="",
+        tfds_name="",
+        tfds_data_dir="",
+        image_key="image",
+        train_split="train",
+        eval_split="validation",
+        eval_holdout=0.3,
+        resize_short_side=0,
+        random_crop=True,
+        random_flip=True,
+        worker_count=0,
+        prefetch=2,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    """A distinct solid colour per image id (ids < 200), exactly representable after
+    scaling to [-1, 1]."""
+    return (i, 255 - i, (7 * i) % 256)
+
+
+def _id_of(img: np.ndarray) -> int:
+    """Image id of a solid-colour crop in [-1, 1]."""
+    r = int(round((float(img[..., 0].mean()) + 1.0) * 127.5))
+    assert np.ptp(img[..., 0]) < 1e-6, "expected a solid-colour image"
+    return r
+
+
+def _make_folder(root, n: int, *, size=(48, 40)) -> list[str]:
+    """n solid-colour PNGs in nested folders; returns the relative paths."""
+    rels = []
+    for i in range(n):
+        sub = f"class_{i % 3}"
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        rel = f"{sub}/img_{i:03d}.png"
+        Image.new("RGB", size, _colour(i)).save(os.path.join(root, rel))
+        rels.append(rel)
+    return rels
+
+
+def _take(it, n):
+    return [next(it)["image"].copy() for _ in range(n)]
+
+
+@pytest.fixture
+def fake_processes(monkeypatch):
+    """Fakes jax.process_index()/process_count() (grain's ShardByJaxProcess reads them)."""
+
+    def set_(index: int, count: int):
+        monkeypatch.setattr(jax, "process_index", lambda *a, **k: index)
+        monkeypatch.setattr(jax, "process_count", lambda *a, **k: count)
+
+    return set_
+
+
+# ----------------------------------------------------------------------------------------
+# Shapes, dtype, range.
+
+
+def test_embedded_train_batches():
+    it = data_lib.create_train_iterator(_cfg(), resolution=RES, global_batch_size=8, seed=0)
+    for _ in range(3):  # 7 training photos < batch of 8: repetition fills the batches
+        batch = next(it)
+        assert set(batch) == {"image"}
+        x = batch["image"]
+        assert x.shape == (8, RES, RES, 3) and x.dtype == np.float32
+        assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+
+
+def test_embedded_files_are_real_colour_photos():
+    root = sources.embedded_data_dir()
+    assert not set(sources.EMBEDDED_TRAIN_FILES) & set(sources.EMBEDDED_EVAL_FILES)
+    for f in sources.EMBEDDED_TRAIN_FILES + sources.EMBEDDED_EVAL_FILES:
+        with Image.open(os.path.join(root, f)) as im:
+            assert im.mode == "RGB" and min(im.size) >= 256, f
+
+
+def test_embedded_eval_batches():
+    ev = data_lib.create_eval_batches(_cfg(), resolution=RES, batch_size=4, num_images=100)
+    assert len(ev) == 1 and ev[0]["image"].shape == (4, RES, RES, 3)
+    # 2 held-out photos cycled to fill one batch of 4.
+    np.testing.assert_array_equal(ev[0]["image"][0], ev[0]["image"][2])
+    assert not np.array_equal(ev[0]["image"][0], ev[0]["image"][1])
+
+
+def test_folder_train_batches_mixed_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = lambda h, w, c: rng.integers(0, 256, (h, w, c) if c else (h, w), dtype=np.uint8)  # noqa: E731
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(noise(50, 70, 3)).save(tmp_path / "rgb.JPG")  # upper-case extension
+    Image.fromarray(noise(64, 40, 0)).save(tmp_path / "a" / "gray.png")
+    Image.fromarray(noise(40, 40, 4)).save(tmp_path / "a" / "rgba.png")
+    Image.fromarray(noise(30, 45, 3)).convert("P").save(tmp_path / "a" / "b" / "palette.png")
+    Image.fromarray((noise(40, 36, 0).astype(np.uint16) * 257)).save(tmp_path / "a" / "b" / "g16.png")
+    Image.fromarray(noise(20, 24, 3)).save(tmp_path / "small.webp")  # smaller than the crop
+    (tmp_path / "notes.txt").write_text("not an image")
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=0.01)
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=1)
+    for _ in range(4):
+        x = next(it)["image"]
+        assert x.shape == (4, RES, RES, 3) and x.dtype == np.float32
+        assert -1.0 <= x.min() and x.max() <= 1.0
+    # resize_short_side=-1: crop directly (upscale only the image smaller than the crop).
+    it = data_lib.create_train_iterator(
+        _cfg(source="folder", path=str(tmp_path), eval_holdout=0.01, resize_short_side=-1),
+        resolution=RES, global_batch_size=4, seed=1,
+    )
+    assert next(it)["image"].shape == (4, RES, RES, 3)
+
+
+def test_listing_and_holdout_are_stable(tmp_path):
+    rels = _make_folder(tmp_path, 30)
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "x.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "._junk.png")
+    assert sources.list_image_files(str(tmp_path)) == sorted(rels)
+    held = {r for r in rels if sources.in_holdout(r, 0.3)}
+    assert 0 < len(held) < 30
+    _make_folder(tmp_path / "more", 10)  # adding files never moves existing ones
+    assert {r for r in rels if sources.in_holdout(r, 0.3)} == held
+
+
+def test_to_rgb_modes():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent -> white
+    assert np.asarray(transforms._to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]
+    g16 = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert np.asarray(transforms._to_rgb(g16))[0, 0].tolist() == [255, 255, 255]
+    g16 = Image.fromarray(np.full((4, 4), 257 * 100, np.uint16))
+    assert np.asarray(transforms._to_rgb(g16))[0, 0].tolist() == [100, 100, 100]
+    pal = Image.new("RGB", (4, 4), (200, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE)
+    assert np.asarray(transforms._to_rgb(pal))[0, 0].tolist() == [200, 0, 0]
+    pal.info["transparency"] = 0  # palette index 0 transparent -> white
+    assert np.asarray(transforms._to_rgb(pal))[0, 0].tolist() == [255, 255, 255]
+
+
+# ----------------------------------------------------------------------------------------
+# Sharding across (faked) processes.
+
+
+def test_process_shards_are_disjoint(tmp_path, fake_processes):
+    rels = _make_folder(tmp_path, 40)
+    train_ids = {i for i, r in enumerate(rels) if not sources.in_holdout(r, 0.3)}
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=0.3)
+    seen = []
+    for index in range(2):
+        fake_processes(index, 2)
+        it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=3)
+        ids = set()
+        for _ in range(8):  # local batch 4, shard ~13 images: several epochs
+            x = next(it)["image"]
+            assert x.shape == (4, RES, RES, 3)
+            ids |= {_id_of(img) for img in x}
+        seen.append(ids)
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= train_ids
+    assert len(seen[0] | seen[1]) == 2 * (len(train_ids) // 2)  # every record of each shard
+
+
+def test_eval_batches_sharded_and_disjoint_from_train(tmp_path, fake_processes):
+    rels = _make_folder(tmp_path, 40)
+    # Eval ids in listing order (sorted relative paths).
+    eval_ids = [i for r, i in sorted((r, i) for i, r in enumerate(rels)) if sources.in_holdout(r, 0.3)]
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=0.3)
+    ev1 = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=2, num_images=1000)
+    ev2 = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=2, num_images=1000)
+    assert len(ev1) == len(eval_ids) // 2
+    for a, b in zip(ev1, ev2):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    got = [_id_of(img) for batch in ev1 for img in batch["image"]]
+    assert got == eval_ids[: len(got)]  # listing order, no shuffle
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=0)
+    train_seen = {_id_of(img) for _ in range(6) for img in next(it)["image"]}
+    assert train_seen and not train_seen & set(eval_ids)
+    # Two processes: each gets its own half of the first num_images eval images.
+    parts = []
+    for index in range(2):
+        fake_processes(index, 2)
+        ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=4, num_images=8)
+        assert len(ev) == 2 and ev[0]["image"].shape == (2, RES, RES, 3)
+        parts.append([_id_of(img) for b in ev for img in b["image"]])
+    assert parts[0] + parts[1] == eval_ids[:8]
+    # Fewer images than one batch: cycled to fill exactly one batch.
+    fake_processes(0, 1)
+    ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=4, num_images=1)
+    assert len(ev) == 1 and [_id_of(i) for i in ev[0]["image"]] == [eval_ids[0]] * 4
+
+
+# ----------------------------------------------------------------------------------------
+# Corrupt files.
+
+
+def _folder_with_corrupt_files(root) -> tuple[list[str], list[str]]:
+    rels = _make_folder(root, 6)
+    bad_jpg = os.path.join(root, "x.jpg")
+    with open(bad_jpg, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(2000))
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    truncated = os.path.join(root, "class_0", "truncated.png")
+    with open(truncated, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return rels, [bad_jpg, truncated]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_files_are_skipped_counted_and_warned(tmp_path, caplog, workers):
+    transforms._reset_for_tests()
+    _, bad = _folder_with_corrupt_files(tmp_path)
+    # eval_holdout tiny: every file is in the training split.
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=1e-9, worker_count=workers)
+    assert len(sources.FolderSource(str(tmp_path), "train", 1e-9)) == 8
+    before = data_lib.skipped_count()
+    caplog.set_level(logging.WARNING)
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=0)
+    ids = set()
+    for step in range(60):  # 6 good images, local batch 4: many epochs
+        x = next(it)["image"]
+        assert x.shape == (4, RES, RES, 3)
+        ids |= {_id_of(img) for img in x}
+        # With workers a skip reaches this process with a later batch (prefetch lag).
+        if step >= 12 and data_lib.skipped_count() - before == 2:
+            break
+    it.close()  # stops background decoding (it would keep registering skips)
+    assert ids == set(range(6))
+    assert data_lib.skipped_count() - before == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for path in bad:
+        assert sum(os.path.abspath(path) in m for m in warned) == 1, warned  # once per file
+
+
+def test_all_files_corrupt_raises_instead_of_hanging(tmp_path):
+    transforms._reset_for_tests()
+    for i in range(3):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not a png")
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=1e-9)
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="unreadable"):
+        next(it)
+    it.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Determinism and checkpointing.
+
+
+def test_same_seed_same_batches_different_seed_different():
+    cfg = _cfg()
+    a = _take(data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=5), 4)
+    b = _take(data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=5), 4)
+    c = _take(data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=6), 4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_get_state_set_state_resumes_exactly():
+    cfg = _cfg()
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=2)
+    _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 2)
+    it2 = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=2)
+    it2.set_state(state)
+    for x, y in zip(expected, _take(it2, 2)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_orbax_checkpoint_roundtrip(tmp_path, workers):
+    data_dir = tmp_path / "imgs"
+    _make_folder(data_dir, 12)
+    cfg = _cfg(source="folder", path=str(data_dir), eval_holdout=0.2, worker_count=workers)
+    make = lambda: data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=9)  # noqa: E731
+    it = make()
+    _take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = _take(it, 2)
+    it2 = make()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        assert mngr.latest_step() == 3
+        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    got = _take(it2, 2)
+    for x, y in zip(expected, got):
+        np.testing.assert_array_equal(x, y)
+    if workers:
+        it.close()
+        it2.close()
+
+
+# ----------------------------------------------------------------------------------------
+# TFDS (tfds.testing.mock_data needs TensorFlow to encode images, which is not installed,
+# so tfds.data_source is replaced by a small in-memory fake with the same interface).
+
+
+class _FakeTfdsSource:
+    def __init__(self, n: int, corrupt: int | None = None):
+        self._records = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 36), _colour(i)).save(buf, "PNG")
+            data = b"garbage" if i == corrupt else buf.getvalue()
+            self._records.append({"image": data, "label": i})
+
+    def __len__(self):
+        return len(self._records)
+
+    def __getitem__(self, i):
+        return self._records[i]
+
+
+def test_tfds_source_with_fake_data_source(monkeypatch, caplog):
+    import tensorflow_datasets as tfds
+
+    transforms._reset_for_tests()
+    calls = []
+
+    def fake_data_source(name, *, split, data_dir=None, download=True, decoders=None, **kw):
+        calls.append((name, split, data_dir, download, sorted(decoders or {})))
+        return _FakeTfdsSource(6 if split == "train" else 3, corrupt=2 if split == "train" else None)
+
+    monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    cfg = _cfg(source="tfds", tfds_name="fake_ds/v1", train_split="train", eval_split="validation")
+    caplog.set_level(logging.WARNING)
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=0)
+    ids = {_id_of(img) for _ in range(5) for img in next(it)["image"]}
+    assert ids == {0, 1, 3, 4, 5}
+    assert any("fake_ds/v1[train] #2" in r.getMessage() for r in caplog.records)
+    ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=2, num_images=10)
+    assert [_id_of(i) for i in ev[0]["image"]] == [0, 1]
+    assert calls[0] == ("fake_ds/v1", "train", None, False, ["image"])
+    assert calls[-1][1] == "validation"
+    with pytest.raises(ValueError, match="image_key"):
+        data_lib.create_train_iterator(
+            _cfg(source="tfds", tfds_name="fake_ds/v1", image_key="img"),
+            resolution=RES, global_batch_size=4, seed=0,
+        )
+
+
+def test_tfds_missing_dataset_message(tmp_path):
+    cfg = _cfg(source="tfds", tfds_name="no_such_dataset_xyz", tfds_data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+        data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad configuration.
+
+
+def test_bad_config_messages(tmp_path, fake_processes):
+    kw = dict(resolution=RES, global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="Unknown data_cfg.source='bogus'"):
+        data_lib.create_train_iterator(_cfg(source="bogus"), **kw)
+    with pytest.raises(ValueError, match="not an existing folder"):
+        data_lib.create_train_iterator(_cfg(source="folder", path=str(tmp_path / "nope")), **kw)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="contains no images"):
+        data_lib.create_train_iterator(_cfg(source="folder", path=str(tmp_path / "empty")), **kw)
+    _make_folder(tmp_path / "two", 2)
+    with pytest.raises(ValueError, match="eval split .* is empty|Increase eval_holdout"):
+        data_lib.create_eval_batches(
+            _cfg(source="folder", path=str(tmp_path / "two"), eval_holdout=1e-9),
+            resolution=RES, batch_size=2, num_images=4,
+        )
+    with pytest.raises(ValueError, match="eval_holdout"):
+        data_lib.create_train_iterator(_cfg(source="folder", path=str(tmp_path / "two"), eval_holdout=1.5), **kw)
+    with pytest.raises(ValueError, match="resize_short_side"):
+        data_lib.create_train_iterator(_cfg(resize_short_side=16), **kw)
+    with pytest.raises(ValueError, match="worker_count"):
+        data_lib.create_train_iterator(_cfg(worker_count=-1), **kw)
+    fake_processes(0, 3)
+    with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by jax.process_count\\(\\)=3"):
+        data_lib.create_train_iterator(_cfg(), **kw)
+    with pytest.raises(ValueError, match="eval batch_size=4 is not divisible"):
+        data_lib.create_eval_batches(_cfg(), resolution=RES, batch_size=4, num_images=4)
+    fake_processes(0, 8)
+    with pytest.raises(ValueError, match="fewer than jax.process_count"):
+        data_lib.create_train_iterator(_cfg(), **kw)  # 7 embedded training photos
+
+
+# ----------------------------------------------------------------------------------------
+# Real multi-process run (two JAX processes on this machine, gloo collectives).
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, sys.argv[4])
+import jax
+
+def main():
+    pid, port, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import grain, ml_collections, numpy as np, orbax.checkpoint as ocp
+    from ldm_jax import data as D
+    cfg = ml_collections.ConfigDict(dict(source="folder", path=d, eval_holdout=0.25))
+    it = D.create_train_iterator(cfg, resolution=16, global_batch_size=8, seed=0)
+    ids = lambda x: [int(round((float(v[..., 0].mean()) + 1) * 127.5)) for v in x]
+    train = [i for _ in range(6) for i in ids(next(it)["image"])]
+    ev = D.create_eval_batches(cfg, resolution=16, batch_size=4, num_images=100)
+    with ocp.CheckpointManager(os.path.join(d, os.pardir, "ckpt")) as m:
+        m.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        m.wait_until_finished()
+    out = dict(train=train, eval=[i for b in ev for i in ids(b["image"])], n_eval=len(ev),
+               shape=list(ev[0]["image"].shape))
+    print("RESULT" + json.dumps(out), flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_two_real_processes_shard_disjointly(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    imgs = tmp_path / "imgs"
+    rels = _make_folder(imgs, 24)
+    eval_ids = {i for i, r in enumerate(rels) if sources.in_holdout(r, 0.25)}
+    script = tmp_path / "worker.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(imgs), repo],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+        results.append(json.loads(out.split("RESULT", 1)[1].splitlines()[0]))
+    train0, train1 = set(results[0]["train"]), set(results[1]["train"])
+    assert train0 and train1 and not train0 & train1
+    assert not (train0 | train1) & eval_ids
+    ev0, ev1 = set(results[0]["eval"]), set(results[1]["eval"])
+    assert ev0 <= eval_ids and ev1 <= eval_ids and not ev0 & ev1
+    assert results[0]["n_eval"] == results[1]["n_eval"] and results[0]["shape"] == [2, 16, 16, 3]
+    files = sorted(os.listdir(tmp_path / "ckpt" / "1" / "data"))
+    assert "process_0-of-2.json" in files and "process_1-of-2.json" in files

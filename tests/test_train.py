@@ -1,0 +1,192 @@
+"""End-to-end VAE-GAN training on the tiny config (CPU, 8 fake devices)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO_ROOT
+from ldm_jax import config_lib
+from ldm_jax.checkpointing import Checkpointer
+from ldm_jax.trainers import vae_gan
+
+
+def tiny_config(**overrides):
+    """The tiny config; the adaptive GAN weight is clipped at 1 so that float rounding
+    differences between device layouts are not amplified ~1000x by the (random, untrained)
+    tiny discriminator's near-zero gradients (d_weight ~3000 unclipped)."""
+    c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/vae_f8.py:tiny"))
+    overrides = {"loss.max_adaptive_weight": 1.0, **overrides}
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def _restore_state(workdir: str, config) -> dict:
+    """Latest checkpoint's state as host numpy arrays."""
+    gen_lr, disc_lr = vae_gan.learning_rates(config)
+    _, state, shardings = vae_gan.create_train_state(
+        config, vae_gan.sharding.make_mesh(dict(data=1, fsdp=1, num_devices=1)),
+        vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config))
+    ck = Checkpointer(workdir)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state.as_dict(), shardings.as_dict())
+    restored, meta = ck.restore(ck.latest_step(), abstract, None)
+    ck.close()
+    return jax.device_get(restored), meta
+
+
+def _init_state(config) -> dict:
+    gen_lr, disc_lr = vae_gan.learning_rates(config)
+    _, state, _ = vae_gan.create_train_state(
+        config, vae_gan.sharding.make_mesh(dict(data=1, fsdp=1, num_devices=1)),
+        vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config))
+    return jax.device_get(state.as_dict())
+
+
+def _rel_l2(a, b) -> float:
+    """||a - b|| / ||b|| over all leaves of two pytrees."""
+    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
+    return float(np.sqrt(num / den))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sharded"))
+    config = tiny_config()
+    return workdir, config, vae_gan.train_and_evaluate(config, workdir)
+
+
+def test_tiny_run_on_8_devices(sharded_run):
+    workdir, config, result = sharded_run
+    assert jax.device_count() == 8
+    hist = result["history"]
+    assert sorted(hist) == [1, 2, 3, 4]
+    for step, m in hist.items():
+        for k in ("loss", "nll_loss", "kl_loss", "g_loss", "d_loss"):
+            assert np.isfinite(m[k]), (step, k, m[k])
+        assert m["skipped"] == 0.0
+    # Discriminator off before disc_start=2 (steps 0, 1), on from step index 2.
+    assert hist[1]["disc_factor"] == 0.0 and hist[2]["disc_factor"] == 0.0
+    assert hist[3]["disc_factor"] == 1.0 and hist[4]["disc_factor"] == 1.0
+    assert hist[3]["d_loss"] > 0 and hist[3]["d_weight"] > 0
+    # Eval metrics, image grid, TensorBoard events, checkpoint.
+    assert 0 < result["eval"]["eval/psnr"] < 100 and -1 <= result["eval"]["eval/ssim"] <= 1
+    assert glob.glob(os.path.join(workdir, "images", "recon_*.png"))
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*"))
+    assert Checkpointer(workdir).latest_step() == 4
+
+
+def test_both_models_change(sharded_run):
+    workdir, config, _ = sharded_run
+    init = _init_state(config)
+    final, meta = _restore_state(workdir, config)
+    assert meta["step"] == 4 and int(final["step"]) == 4
+
+    def unchanged(a, b):
+        flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+        return [jax.tree_util.keystr(p).removesuffix(".value")
+                for (p, x), y in zip(flat_a, jax.tree.leaves(b))
+                if np.allclose(x, y)]
+
+    assert unchanged(final["gen_params"]["ae"], init["gen_params"]["ae"]) == []
+    # The discriminator trains from step index 2 (disc_start) on and every weight moves,
+    # except the output bias: while all logits lie in (-1, 1) the hinge loss gradient
+    # w.r.t. that bias is 0.5 * (-1 + 1) = 0 exactly.
+    assert unchanged(final["disc_params"], init["disc_params"]) == ["['conv_out']['bias']"]
+    assert float(final["gen_params"]["logvar"]) != float(init["gen_params"]["logvar"])
+    assert not np.allclose(jax.tree.leaves(final["disc_stats"])[0], jax.tree.leaves(init["disc_stats"])[0])
+
+
+def test_sharded_equals_single_device(sharded_run, tmp_path):
+    _, config, result = sharded_run
+    single = vae_gan.train_and_evaluate(tiny_config(**{"mesh.num_devices": 1}), str(tmp_path))
+    # Steps 1-2 see the initial params and one update: equal up to float reduction order.
+    # Later steps drift a little further apart: Adam's first updates are ~lr * sign(grad), so
+    # parameters whose gradient is ~0 (rounding-level) move by +-lr depending on summation
+    # order. That is float noise, not a sharding error (a per-device BatchNorm or a wrong
+    # batch split changes these numbers by 10-100%).
+    bad = []
+    for step, rel in ((1, 2e-4), (2, 2e-4), (3, 1e-2), (4, 1e-2)):
+        for k in ("loss", "nll_loss", "kl_loss", "g_loss", "d_loss", "d_weight", "logits_real"):
+            a, b = result["history"][step][k], single["history"][step][k]
+            if a != pytest.approx(b, rel=rel, abs=1e-5):
+                bad.append((step, k, a, b))
+    assert not bad, bad
+    sharded_state, _ = _restore_state(sharded_run[0], config)
+    single_state, _ = _restore_state(str(tmp_path), config)
+    d_gen = _rel_l2(sharded_state["gen_params"], single_state["gen_params"])
+    d_disc = _rel_l2(sharded_state["disc_params"], single_state["disc_params"])
+    print(f"relative L2 parameter difference: gen {d_gen:.2e}, disc {d_disc:.2e}")
+    assert d_gen < 3e-3 and d_disc < 1e-2
+
+
+def test_resume_reproduces_uninterrupted_run(sharded_run, tmp_path):
+    _, _, full = sharded_run
+    workdir = str(tmp_path)
+    first = vae_gan.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    assert first["final_step"] == 2 and Checkpointer(workdir).latest_step() == 2
+    second = vae_gan.train_and_evaluate(tiny_config(), workdir)
+    assert second["start_step"] == 2 and sorted(second["history"]) == [3, 4]
+    for step in (3, 4):
+        for k, v in full["history"][step].items():
+            if k in ("images_per_sec",):
+                continue
+            assert second["history"][step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+
+
+def test_nan_guard_skips_step(tmp_path):
+    """A batch that produces non-finite losses leaves the whole state untouched."""
+    config = tiny_config()
+    mesh = vae_gan.sharding.make_mesh(config.mesh)
+    gen_lr, disc_lr = vae_gan.learning_rates(config)
+    gen_tx, disc_tx = vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config)
+    (ae_gd, d_gd), state, _ = vae_gan.create_train_state(config, mesh, gen_tx, disc_tx)
+    models = vae_gan.Models(ae=ae_gd, disc=d_gd, lpips=None)
+    step = jax.jit(vae_gan.make_train_step(models, config, gen_tx, disc_tx))
+    bad = np.full((8, 32, 32, 3), np.nan, np.float32)
+    before = jax.device_get(state.as_dict())
+    new_state, acc = step(state, None, {"image": bad}, vae_gan.TrainMetrics.empty())
+    after = jax.device_get(new_state.as_dict())
+    assert int(after["nan_skips"]) == 1 and int(after["step"]) == 1
+    for k in ("gen_params", "disc_params", "disc_stats", "gen_opt", "disc_opt"):
+        for x, y in zip(jax.tree.leaves(after[k]), jax.tree.leaves(before[k])):
+            np.testing.assert_array_equal(x, y)
+    assert float(acc.compute()["skipped"]) == 1.0
+    good = np.random.RandomState(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    new_state, _ = step(new_state, None, {"image": good}, vae_gan.TrainMetrics.empty())
+    assert int(new_state.nan_skips) == 1
+    moved = jax.device_get(new_state.gen_params["ae"])
+    assert any(not np.array_equal(x, y) for x, y in
+               zip(jax.tree.leaves(moved), jax.tree.leaves(before["gen_params"]["ae"])))
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        vae_gan.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
+
+
+def test_missing_lpips_weights_stop_full_recipe(tmp_path, monkeypatch):
+    """Outside tiny/demo, a missing VGG file stops the run before any work, naming the file."""
+    from ldm_jax.models.lpips import LPIPSWeightsMissingError
+
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LDM_JAX_OFFLINE", "1")
+    config = tiny_config()
+    config.loss.lpips_missing = "error"
+    with pytest.raises(LPIPSWeightsMissingError, match="vgg16-397923af.pth"):
+        vae_gan.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert not os.path.exists(os.path.join(tmp_path, "wd", "checkpoints"))
