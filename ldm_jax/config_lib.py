@@ -133,7 +133,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
 
 def apply_demo(c: ml_collections.ConfigDict) -> None:
     """Embedded photos at 64x64 with a narrow model: visible progress in minutes on CPU."""
-    c.model.ch = 64
+    c.model.ch = 32
     c.model.num_res_blocks = 1
     c.model.resolution = 64
     c.disc.ndf = 32

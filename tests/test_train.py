@@ -190,3 +190,47 @@ def test_missing_lpips_weights_stop_full_recipe(tmp_path, monkeypatch):
     with pytest.raises(LPIPSWeightsMissingError, match="vgg16-397923af.pth"):
         vae_gan.train_and_evaluate(config, str(tmp_path / "wd"))
     assert not os.path.exists(os.path.join(tmp_path, "wd", "checkpoints"))
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    """A SIGTERM'd train.py saves a checkpoint at the step it reached and exits cleanly;
+    the same command then resumes from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = str(tmp_path / "wd")
+    cache = jax.config.jax_compilation_cache_dir or ""
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"),
+           f"--config={os.path.join(REPO_ROOT, 'configs/vae_f8.py')}:tiny",
+           f"--workdir={workdir}", "--config.num_train_steps=1000",
+           "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+           "--config.image_every_steps=1000", f"--config.compilation_cache_dir={cache}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", LDM_JAX_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    deadline = time.time() + 400
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "step 3/1000" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "".join(lines[-20:])
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log_text = "".join(lines) + rest
+    assert proc.returncode == 0, log_text[-3000:]
+    assert "stopped by SIGTERM" in log_text
+    saved = Checkpointer(workdir).latest_step()
+    assert saved is not None and 3 <= saved < 1000
+    resumed = subprocess.run(cmd[:3] + [f"--workdir={workdir}", f"--config.num_train_steps={saved + 1}",
+                                        f"--config.compilation_cache_dir={cache}"],
+                             env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint at step {saved}" in resumed.stderr
+    assert Checkpointer(workdir).latest_step() == saved + 1
