@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from ldm_jax import config_lib
 from ldm_jax import data as data_lib
 from ldm_jax.data import sources, transforms
 
@@ -21,21 +22,9 @@ RES = 32
 
 
 def _cfg(**kw):
-    base = dict(
-        source="embedded",
-        path="",
-        tfds_name="",
-        tfds_data_dir="",
-        image_key="image",
-        train_split="train",
-        eval_split="validation",
-        eval_holdout=0.3,
-        resize_short_side=0,
-        random_crop=True,
-        random_flip=True,
-        worker_count=0,
-        prefetch=2,
-    )
+    """The trainer's data config schema, embedded source, with test overrides."""
+    base = config_lib.vae_base_config().data.to_dict()
+    base.update(eval_holdout=0.3)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

@@ -66,21 +66,22 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
-def _check(
+def check_keys(
     what: str,
-    state_dict: Mapping[str, Any],
+    arrays: Mapping[str, Any],
     expected: Mapping[str, tuple[int, ...]],
+    *,
     ignore_prefixes: tuple[str, ...] = (),
+    partial: bool = False,
 ) -> None:
-    """Raise one ValueError listing unknown, missing and wrongly shaped keys."""
-    unknown = sorted(
-        k for k in state_dict if k not in expected and not k.startswith(ignore_prefixes)
-    )
-    missing = sorted(k for k in expected if k not in state_dict)
+    """Raise one ValueError listing unknown, missing (unless ``partial``) and wrongly
+    shaped keys of ``arrays`` against the ``expected`` shapes."""
+    unknown = sorted(k for k in arrays if k not in expected and not k.startswith(ignore_prefixes))
+    missing = [] if partial else sorted(k for k in expected if k not in arrays)
     mismatched = sorted(
-        f"{k}: got {tuple(np.shape(state_dict[k]))}, expected {shape}"
+        f"{k}: got {tuple(np.shape(arrays[k]))}, expected {tuple(shape)}"
         for k, shape in expected.items()
-        if k in state_dict and tuple(np.shape(state_dict[k])) != shape
+        if k in arrays and tuple(np.shape(arrays[k])) != tuple(shape)
     )
     if unknown or missing or mismatched:
         parts = []
@@ -100,7 +101,7 @@ def convert_vgg16(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for _name, idx, cin, cout in VGG16_LAYERS:
         expected[f"features.{idx}.weight"] = (cout, cin, 3, 3)
         expected[f"features.{idx}.bias"] = (cout,)
-    _check("torchvision VGG16 state dict", sd, expected, ignore_prefixes=("classifier.",))
+    check_keys("torchvision VGG16 state dict", sd, expected, ignore_prefixes=("classifier.",))
     out: dict[str, np.ndarray] = {}
     for name, idx, _cin, _cout in VGG16_LAYERS:
         w = np.asarray(sd[f"features.{idx}.weight"], dtype=np.float32)
@@ -113,7 +114,7 @@ def convert_lpips_heads(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """lpips v0.1 heads state dict -> ``{'lin{k}/weight': [C]}``."""
     sd = _unwrap(state_dict)
     expected = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(HEAD_CHANNELS)}
-    _check("LPIPS heads state dict", sd, expected)
+    check_keys("LPIPS heads state dict", sd, expected)
     out = {}
     for k in range(len(HEAD_CHANNELS)):
         w = np.asarray(sd[f"lin{k}.model.1.weight"], dtype=np.float32).reshape(-1)

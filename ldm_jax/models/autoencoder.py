@@ -90,6 +90,18 @@ class _Level(nnx.Module):
             # Attribute names follow CompVis: encoder levels "downsample", decoder "upsample".
             setattr(self, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
 
+    def __call__(self, h: jax.Array, remat: bool) -> jax.Array:
+        """ResnetBlocks (each followed by its attention, if any), then the resampler."""
+        for j, block in enumerate(self.block):
+            h = _maybe_remat(block, h, remat)
+            if len(self.attn):
+                h = self.attn[j](h)
+        if hasattr(self, "downsample"):
+            h = self.downsample(h)
+        if hasattr(self, "upsample"):
+            h = self.upsample(h)
+        return h
+
 
 class _Mid(nnx.Module):
     def __init__(self, ch: int, kw: dict, rngs: nnx.Rngs, dropout: float):
@@ -136,12 +148,7 @@ class Encoder(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = _maybe_remat(block, h, self.remat)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h, self.remat)
         h = self.mid(h, self.remat)
         return self.conv_out(jax.nn.silu(self.norm_out(h)))
 
@@ -179,12 +186,7 @@ class Decoder(nnx.Module):
         h = self.conv_in(z)
         h = self.mid(h, self.remat)
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = _maybe_remat(block, h, self.remat)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h, self.remat)
         return jax.nn.silu(self.norm_out(h))
 
     def __call__(self, z: jax.Array) -> jax.Array:

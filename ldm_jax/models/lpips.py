@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ldm_jax.convert.lpips_weights import (
+    check_keys,
     HEAD_CHANNELS,
     VGG16_LAYERS,
     convert_lpips_files,
@@ -236,22 +237,8 @@ def set_lpips_params(
     variable's existing dtype.
     """
     targets = _frozen_weights(model)
-    unknown = sorted(k for k in arrays if k not in targets)
-    missing = [] if partial else sorted(k for k in targets if k not in arrays)
-    mismatched = sorted(
-        f"{k}: got {tuple(np.shape(arrays[k]))}, model has {tuple(targets[k].shape)}"
-        for k in arrays
-        if k in targets and tuple(np.shape(arrays[k])) != tuple(targets[k].shape)
-    )
-    if unknown or missing or mismatched:
-        parts = []
-        if unknown:
-            parts.append(f"unknown keys {unknown}")
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if mismatched:
-            parts.append(f"shape mismatches [{'; '.join(mismatched)}]")
-        raise ValueError("LPIPS weights do not fit the model: " + ", ".join(parts))
+    check_keys("LPIPS weights do not fit the model", arrays,
+               {k: tuple(v.shape) for k, v in targets.items()}, partial=partial)
     for k, a in arrays.items():
         var = targets[k]
         var.set_value(jnp.asarray(np.asarray(a), dtype=var.get_value().dtype))
