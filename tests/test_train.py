@@ -219,7 +219,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
                 proc.send_signal(signal.SIGTERM)
                 break
             assert time.time() < deadline, "".join(lines[-20:])
-        rest, _ = proc.communicate(timeout=300)
+        _, rest = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()

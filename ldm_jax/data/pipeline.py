@@ -42,6 +42,11 @@ def skipped_count() -> int:
     return tf_lib.skipped_count()
 
 
+def skipped_files() -> list[str]:
+    """Names of the unreadable/corrupt files this process has skipped so far."""
+    return tf_lib.skipped_files()
+
+
 def _process_index_count() -> tuple[int, int]:
     opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     return opts.shard_index, opts.shard_count

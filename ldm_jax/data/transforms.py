@@ -45,6 +45,12 @@ def skipped_count() -> int:
         return len(_skipped_names)
 
 
+def skipped_files() -> list[str]:
+    """The distinct files counted by ``skipped_count()``, in the order they were skipped."""
+    with _lock:
+        return list(_skipped_names)
+
+
 def is_skipped(name: str) -> bool:
     with _lock:
         return name in _skipped_names

@@ -1,0 +1,170 @@
+"""Model weights outside a training run: converted checkpoints and trained workdirs.
+
+A *pretrained directory* is what ``python -m ldm_jax.convert`` writes and what the trainers
+(``init_from``, ``autoencoder_path``) and ``sample.py`` accept::
+
+    DIR/pretrained.json   {"format": "ldm_jax.pretrained/1", "kind": "autoencoder" | "unet",
+                           "config": {architecture fields}, "source": "where it came from", ...}
+    DIR/params/           orbax checkpoint of the model's ``nnx.Param`` values (a pure dict)
+
+A *VAE-GAN workdir* (``config.json`` + ``checkpoints/``) is accepted wherever an autoencoder
+is loaded: its latest checkpoint's autoencoder parameters are used. An *LDM workdir* is
+accepted for the U-Net (EMA parameters unless asked otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+FORMAT = "ldm_jax.pretrained/1"
+KINDS = ("autoencoder", "unet")
+
+
+class PretrainedError(ValueError):
+    """A path that holds no usable weights, or weights that do not fit the model."""
+
+
+def _to_pure(params: Any) -> Any:
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+def save_pretrained(directory: str, kind: str, config: dict, params: Any, *,
+                    source: str = "", extra: dict | None = None) -> str:
+    """Write ``params`` (``nnx.State`` of Params or its pure dict) and ``config`` to ``directory``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    params_dir = os.path.join(directory, "params")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(params_dir, _to_pure(params), force=True)
+    ckptr.wait_until_finished()
+    meta = {"format": FORMAT, "kind": kind, "config": _jsonable(config), "source": source}
+    meta.update(extra or {})
+    tmp = os.path.join(directory, "pretrained.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(directory, "pretrained.json"))  # written last: marks completeness
+    return directory
+
+
+def _jsonable(d: Any) -> Any:
+    if hasattr(d, "to_dict"):
+        d = d.to_dict()
+    if isinstance(d, dict):
+        return {str(k): _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        return d.item()
+    return d
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax stores list indices as strings; NNX pure dicts use ints."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _restore_tree(path: str) -> Any:
+    return _int_keys(ocp.StandardCheckpointer().restore(path))
+
+
+def _latest_step_dir(workdir: str) -> str:
+    ckdir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) if os.path.isdir(ckdir) else []
+    if not steps:
+        raise PretrainedError(f"{workdir} has no finished checkpoint under {ckdir}")
+    return os.path.join(ckdir, str(steps[-1]))
+
+
+def describe(path: str) -> str:
+    """'pretrained' or 'vae_gan' / 'ldm' workdir, or raise a clear error."""
+    if os.path.isfile(os.path.join(path, "pretrained.json")):
+        return "pretrained"
+    cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            return json.load(f).get("trainer", "vae_gan")
+    raise PretrainedError(
+        f"{path!r} is neither a pretrained directory (with pretrained.json, written by "
+        "`python -m ldm_jax.convert`) nor a training workdir (with config.json and checkpoints/).")
+
+
+def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, Any, str]:
+    """Returns ``(model config dict, pure param dict, description)`` of ``kind`` at ``path``."""
+    what = describe(path)
+    if what == "pretrained":
+        with open(os.path.join(path, "pretrained.json")) as f:
+            meta = json.load(f)
+        if meta.get("kind") != kind:
+            raise PretrainedError(f"{path} holds a {meta.get('kind')!r} model, not a {kind!r}")
+        return meta["config"], _restore_tree(os.path.join(path, "params")), f"pretrained {path}"
+    with open(os.path.join(path, "config.json")) as f:
+        run_cfg = json.load(f)
+    step_dir = _latest_step_dir(path)
+    state = _restore_tree(os.path.join(step_dir, "state"))
+    if kind == "autoencoder" and what == "vae_gan":
+        return run_cfg["model"], state["gen_params"]["ae"], f"VAE-GAN checkpoint {step_dir}"
+    if kind == "unet" and what == "ldm":
+        params = state["ema_params"] if use_ema else state["params"]
+        return run_cfg["model"], params, f"LDM checkpoint {step_dir} ({'EMA' if use_ema else 'raw'})"
+    if kind == "autoencoder" and what == "ldm":
+        # An LDM workdir records where its autoencoder came from.
+        return load_params(run_cfg["autoencoder_path"], kind)
+    raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
+
+
+def fill_params(model: nnx.Module, pure: Any, where: str = "") -> nnx.Module:
+    """Put ``pure`` into ``model``'s Params, checking names and shapes first (one error listing
+    every missing, unexpected and mis-shaped entry)."""
+    state = nnx.state(model, nnx.Param)
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in
+            jax.tree_util.tree_flatten_with_path(pure)[0]}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(f"{k}: model {want[k]} vs weights {have[k]}" for k in set(want) & set(have)
+                    if want[k] != have[k])
+    if missing or unexpected or shapes:
+        parts = [f"weights {where} do not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                             + (" ..." if len(items) > 20 else ""))
+        raise PretrainedError("\n".join(parts))
+    dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(state))
+    cast = jax.tree.map(lambda v, d: jnp.asarray(v, d), _int_keys(pure), dtypes)
+    nnx.replace_by_pure_dict(state, cast)
+    nnx.update(model, state)
+    return model
+
+
+def load_autoencoder(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    """``(AutoencoderKL, AutoencoderConfig, description)`` from a pretrained dir or workdir."""
+    from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    cfg_dict, pure, where = load_params(path, "autoencoder")
+    cfg = AutoencoderConfig.from_dict(cfg_dict)
+    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                 rngs=nnx.Rngs(0)))
+    _materialise(model)
+    return fill_params(model, pure, where), cfg, where
+
+
+def _materialise(model: nnx.Module) -> None:
+    """Give an ``nnx.eval_shape`` model concrete zero arrays (filled right after)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))

@@ -1,0 +1,192 @@
+"""Config files, variants, validation messages and the ``--config.key=value`` CLI overrides."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from ldm_jax import config_lib
+from ldm_jax.models.autoencoder import AutoencoderConfig
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+NAMES = ("vae_f4", "vae_f8", "vae_f16")
+
+
+def _path(name: str) -> str:
+    return os.path.join(CONFIGS, f"{name}.py")
+
+
+def _load(name: str, variant: str = "") -> ml_collections.ConfigDict:
+    return config_lib.load_config(f"{_path(name)}:{variant}" if variant else _path(name))
+
+
+def _invalid(c, match: str, num_devices=None) -> str:
+    with pytest.raises(ValueError, match=match) as e:
+        config_lib.validate_vae_config(c, num_devices=num_devices)
+    return str(e.value)
+
+
+# ------------------------------------------------------------------ files and variants
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("variant", ["", "tiny", "demo"])
+def test_configs_and_variants_validate(name, variant):
+    c = _load(name, variant)
+    config_lib.validate_vae_config(c)
+    config_lib.validate_vae_config(c, num_devices=8)
+    assert c.name == (f"{name}_{variant}" if variant else name)
+    mc = AutoencoderConfig.from_dict(c.model)
+    assert mc.resolution % mc.downsample_factor == 0
+
+
+def test_recipe_constants_of_full_configs():
+    c = _load("vae_f8")
+    m = c.model
+    assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (128, (1, 2, 4, 4), 2, ())
+    assert (m.z_channels, m.embed_dim, m.double_z, m.resolution) == (4, 4, True, 256)
+    L = c.loss
+    assert (L.kl_weight, L.perceptual_weight, L.logvar_init) == (1e-6, 1.0, 0.0)
+    assert (L.disc_start, L.disc_factor, L.disc_weight, L.disc_loss) == (50_001, 1.0, 0.5, "hinge")
+    assert (c.optim.base_lr, c.optim.b1, c.optim.b2) == (4.5e-6, 0.5, 0.9)
+    assert (c.disc.ndf, c.disc.n_layers) == (64, 3)
+    f4, f16 = _load("vae_f4").model, _load("vae_f16").model
+    assert (tuple(f4.ch_mult), f4.z_channels, f4.embed_dim) == ((1, 2, 4), 3, 3)
+    assert (tuple(f16.ch_mult), f16.z_channels, f16.embed_dim) == ((1, 1, 2, 2, 4), 16, 16)
+    assert tuple(f16.attn_resolutions) == (16,)
+
+
+def test_tiny_variants_are_small():
+    for name in NAMES:
+        c = _load(name, "tiny")
+        assert c.model.ch == 32 and c.model.num_res_blocks == 1 and c.model.resolution <= 64
+        assert c.dtype == "float32"
+        assert c.num_train_steps <= 4
+
+
+def test_unknown_variant_rejected():
+    for name in NAMES:
+        with pytest.raises(ValueError, match="huge"):
+            _load(name, "huge")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        config_lib.load_config(os.path.join(CONFIGS, "nope.py"))
+
+
+# ------------------------------------------------------------------ validation
+
+
+def test_unknown_top_level_key_rejected():
+    c = _load("vae_f8", "tiny")
+    c.num_train_stpes = 3
+    msg = _invalid(c, "num_train_stpes")
+    assert "unknown config key" in msg
+
+
+def test_unknown_nested_keys_rejected_and_all_listed():
+    c = _load("vae_f8", "tiny")
+    c.loss.disc_strat = 3
+    c.model.chmult = (1, 2)
+    msg = _invalid(c, r"loss\.disc_strat")
+    assert "model.chmult" in msg
+    assert "disc_start" in msg  # suggests the close match
+
+
+def test_group_replaced_by_scalar_rejected():
+    c = _load("vae_f8", "tiny")
+    del c["optim"]
+    c.optim = 1.0
+    _invalid(c, r"'optim' must be a group")
+
+
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        ("dtype", "float8", "float8"),
+        ("param_dtype", "int8", "int8"),
+        ("loss.disc_loss", "foo", "disc_loss.*foo"),
+        ("loss.gen_loss", "bar", "gen_loss.*bar"),
+        ("loss.lpips_missing", "ignore", "lpips_missing.*ignore"),
+        ("model.resolution", 33, r"model\.resolution=33.*factor 2"),  # tiny f8: ch_mult (1, 2)
+        ("model.ch", 48, "multiples of 32"),
+        ("model.double_z", False, "double_z"),
+        ("data.source", "s3", "s3"),
+        ("optim.b1", 1.0, "b1"),
+        ("trainer", "ldm", "ldm"),
+    ],
+)
+def test_bad_values_rejected(path, value, match):
+    c = _load("vae_f8", "tiny")
+    *groups, key = path.split(".")
+    node = c
+    for g in groups:
+        node = node[g]
+    node[key] = value
+    _invalid(c, match)
+
+
+def test_resolution_not_divisible_by_downsampling_factor():
+    c = _load("vae_f16")
+    c.model.resolution = 264  # divisible by 8, not by 16
+    _invalid(c, r"resolution=264.*factor 16")
+    c.model.resolution = 272
+    config_lib.validate_vae_config(c)
+
+
+def test_batch_not_divisible_by_devices():
+    c = _load("vae_f8", "tiny")
+    c.global_batch_size = 12
+    _invalid(c, r"global_batch_size=12.*8 devices", num_devices=8)
+    config_lib.validate_vae_config(c, num_devices=4)  # fine on 4
+    c.global_batch_size = 16
+    c.eval_batch_size = 4
+    _invalid(c, r"eval_batch_size=4", num_devices=8)
+
+
+def test_folder_source_needs_path():
+    c = _load("vae_f8", "tiny")
+    c.data.source = "folder"
+    _invalid(c, r"data\.path")
+    c.data.path = "/some/images"
+    config_lib.validate_vae_config(c)
+
+
+# ------------------------------------------------------------------ CLI overrides
+
+
+def _parse(*args: str) -> flags.FlagValues:
+    argv = ["prog", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv
+
+
+def test_cli_override():
+    fv = _parse(f"--config={_path('vae_f8')}:tiny", "--config.loss.disc_start=7",
+                "--config.model.ch_mult=(1,2,2)", "--config.dtype=bfloat16")
+    c = fv.config
+    assert c.loss.disc_start == 7
+    assert tuple(c.model.ch_mult) == (1, 2, 2)
+    assert c.dtype == "bfloat16"
+    # The rest of the tiny variant is intact.
+    assert c.name == "vae_f8_tiny" and c.model.ch == 32 and c.model.resolution == 32
+    config_lib.validate_vae_config(c, num_devices=8)
+
+
+def test_cli_override_of_unknown_key_fails():
+    with pytest.raises(Exception, match="disc_strat"):
+        _parse(f"--config={_path('vae_f8')}:tiny", "--config.loss.disc_strat=7")
+    with pytest.raises(flags.IllegalFlagValueError):
+        _parse(f"--config={_path('vae_f8')}:tiny", "--config.loss.disc_start=abc")
+    with pytest.raises(flags.IllegalFlagValueError, match="huge"):
+        _parse(f"--config={_path('vae_f8')}:huge")
+
+
+def test_cli_locked_config_rejects_new_attributes():
+    c = _parse(f"--config={_path('vae_f8')}:tiny").config
+    with pytest.raises(AttributeError):
+        c.loss.disc_strat = 3
