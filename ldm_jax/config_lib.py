@@ -84,6 +84,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
             tfds_name="",
             tfds_data_dir="",
             image_key="image",
+            label_key="label",  # tfds class feature (class-conditional models); "" for none
             train_split="train",
             eval_split="validation",
             eval_holdout=0.01,

@@ -77,10 +77,42 @@ def test_embedded_train_batches():
     it = data_lib.create_train_iterator(_cfg(), resolution=RES, global_batch_size=8, seed=0)
     for _ in range(3):  # 7 training photos < batch of 8: repetition fills the batches
         batch = next(it)
-        assert set(batch) == {"image"}
+        assert set(batch) == {"image", "label"}
         x = batch["image"]
         assert x.shape == (8, RES, RES, 3) and x.dtype == np.float32
         assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+
+
+def test_labels_embedded_and_folder(tmp_path):
+    """Embedded photos are one class each; a folder's top-level sub-folders are classes
+    (the same class index in both splits); a flat folder is unlabelled."""
+    names = data_lib.class_names(_cfg())
+    assert len(names) == 9 and names[0] == "astronaut"
+    it = data_lib.create_train_iterator(_cfg(), resolution=RES, global_batch_size=8, seed=0)
+    seen = set()
+    for _ in range(4):
+        b = next(it)
+        assert b["label"].dtype == np.int32 and b["label"].shape == (8,)
+        seen |= set(b["label"].tolist())
+    assert seen == set(range(7))  # the 7 training photos
+    ev = data_lib.create_eval_batches(_cfg(), resolution=RES, batch_size=4, num_images=2)
+    assert set(ev[0]["label"].tolist()) == {7, 8}
+
+    rng = np.random.default_rng(0)
+    for cls in ("dog", "cat"):
+        os.makedirs(tmp_path / "lab" / cls / "sub")
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "lab" / cls / "sub" / f"{i}.png")
+    src = sources.FolderSource(str(tmp_path / "lab"), "train", 0.3)
+    assert src.class_names == ("cat", "dog")
+    for k in range(len(src)):
+        assert src[k]["label"] == (0 if "/cat/" in src.describe(k) else 1)
+    ev_src = sources.FolderSource(str(tmp_path / "lab"), "eval", 0.3)
+    assert ev_src.class_names == ("cat", "dog")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "lab" / "top.png")
+    flat = sources.FolderSource(str(tmp_path / "lab"), "train", 0.3)
+    assert flat.num_classes == 0 and flat[0]["label"] == 0
 
 
 def test_embedded_files_are_real_colour_photos():

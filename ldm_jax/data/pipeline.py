@@ -143,7 +143,8 @@ class _Finalize(grain.transforms.Map):
 def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, seed: int):
     """Infinite, shuffled (reshuffled each epoch), per-process-sharded grain iterator.
 
-    Yields ``{"image": np.ndarray float32 [b, resolution, resolution, 3] in [-1, 1]}`` with
+    Yields ``{"image": np.ndarray float32 [b, resolution, resolution, 3] in [-1, 1],
+    "label": int32 [b]}`` (class indices; zeros for unlabelled sources) with
     ``b = global_batch_size // jax.process_count()``. The iterator supports
     ``get_state()``/``set_state()`` and ``grain.checkpoint.CheckpointSave`` /
     ``CheckpointRestore``. Corrupt files are skipped (see ``skipped_count()``); a dataset
@@ -214,11 +215,20 @@ def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_image
     ds = grain.MapDataset.source(source)[start:end]
     ds = ds.map(tf_lib.DecodeImage(source, resolution, cfg["resize"], (start, end)))
     ds = ds.map(tf_lib.CenterCrop(resolution))
-    images = [el["image"] for el in ds.to_iter_dataset(grain.ReadOptions(num_threads=16))]
+    els = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=16)))
+    images = [el["image"] for el in els]
+    labels = [el["label"] for el in els]
     if not images:  # DecodeImage raises first; kept as a guard
         raise ValueError(f"No readable eval images in {source!r} [{start}, {end}).")
     needed = num_batches * lb
     images = [images[i % len(images)] for i in range(needed)]
+    labels = [labels[i % len(labels)] for i in range(needed)]
     return [
-        {"image": np.stack(images[i * lb:(i + 1) * lb])} for i in range(num_batches)
+        {"image": np.stack(images[i * lb:(i + 1) * lb]),
+         "label": np.asarray(labels[i * lb:(i + 1) * lb], np.int32)} for i in range(num_batches)
     ]
+
+
+def class_names(data_cfg) -> tuple[str, ...]:
+    """Class names of the training source (empty for unlabelled data)."""
+    return tuple(sources_lib.make_source(data_cfg, "train").class_names)

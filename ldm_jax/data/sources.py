@@ -1,7 +1,9 @@
 """Random-access image sources for the grain pipelines.
 
 Every source is a grain ``RandomAccessDataSource`` (``__len__`` + ``__getitem__``) whose
-records are ``{"key": int, "data": bytes | np.ndarray | None, "error": str}``. Reading never
+records are ``{"key": int, "data": bytes | np.ndarray | None, "error": str, "label": int}``
+(``label`` is the class index, 0 for unlabelled sources; ``num_classes`` is 0 for those and
+``class_names`` lists the classes otherwise). Reading never
 raises: a file that cannot be read comes back with ``data=None`` and the reason in
 ``error``, and the decode transform skips it (see ``transforms.py``). ``describe(key)``
 names a record for warnings ("/data/imgs/a.jpg", "imagenette/320px-v2[train] #17").
@@ -53,10 +55,14 @@ def _decode_error(exc: BaseException) -> str:
 class FileListSource:
     """Image files given as paths relative to ``root``; records hold the raw bytes."""
 
-    def __init__(self, root: str, relpaths: Sequence[str], *, uid: str):
+    def __init__(self, root: str, relpaths: Sequence[str], *, uid: str,
+                 labels: Sequence[int] | None = None, class_names: Sequence[str] = ()):
         self._root = os.fspath(root)
         self._relpaths = list(relpaths)
         self.uid = uid
+        self._labels = [int(v) for v in labels] if labels is not None else None
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return len(self._relpaths)
@@ -66,9 +72,12 @@ class FileListSource:
         path = os.path.join(self._root, self._relpaths[key])
         try:
             with open(path, "rb") as f:
-                return {"key": key, "data": f.read(), "error": ""}
+                return {"key": key, "data": f.read(), "error": "", "label": self._label(key)}
         except OSError as e:  # vanished file, permissions, I/O error ...
-            return {"key": key, "data": None, "error": _decode_error(e)}
+            return {"key": key, "data": None, "error": _decode_error(e), "label": self._label(key)}
+
+    def _label(self, key: int) -> int:
+        return self._labels[key] if self._labels is not None else 0
 
     def describe(self, key: int) -> str:
         return os.path.join(self._root, self._relpaths[int(key)])
@@ -82,7 +91,10 @@ class FileListSource:
 
 
 class EmbeddedSource(FileListSource):
-    """The scikit-image sample photographs: 7 for training, 2 held out for eval."""
+    """The scikit-image sample photographs: 7 for training, 2 held out for eval.
+
+    Each photograph is its own class (9 classes named after the files, the eval ones
+    included) so class-conditional models can be tried on it."""
 
     def __init__(self, split: str):
         if split not in ("train", "eval"):
@@ -97,7 +109,9 @@ class EmbeddedSource(FileListSource):
                 "from the PyPI wheel (pip install --force-reinstall scikit-image) or use "
                 "source='folder'/'tfds'."
             )
-        super().__init__(root, files, uid=f"embedded:{split}")
+        names = tuple(os.path.splitext(f)[0] for f in EMBEDDED_TRAIN_FILES + EMBEDDED_EVAL_FILES)
+        labels = [names.index(os.path.splitext(f)[0]) for f in files]
+        super().__init__(root, files, uid=f"embedded:{split}", labels=labels, class_names=names)
 
 
 def embedded_data_dir() -> str:
@@ -146,7 +160,11 @@ def in_holdout(relpath: str, fraction: float) -> bool:
 
 
 class FolderSource(FileListSource):
-    """Images under a folder; ``split`` picks the hash-based train or eval part."""
+    """Images under a folder; ``split`` picks the hash-based train or eval part.
+
+    When every image lies in a sub-folder, the top-level sub-folder names (sorted) are the
+    classes (the ImageFolder convention: ``root/<class>/.../x.jpg``); otherwise the folder
+    is unlabelled."""
 
     def __init__(self, root: str, split: str, eval_holdout: float):
         if split not in ("train", "eval"):
@@ -170,7 +188,13 @@ class FolderSource(FileListSource):
                 + ("Increase eval_holdout or add images." if want_eval
                    else "Decrease eval_holdout or add images.")
             )
-        super().__init__(os.path.abspath(root), chosen, uid=f"folder:{split}:{os.path.abspath(root)}")
+        labels, classes = None, ()
+        if all("/" in f for f in files):
+            classes = tuple(sorted({f.split("/", 1)[0] for f in files}))
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[f.split("/", 1)[0]] for f in chosen]
+        super().__init__(os.path.abspath(root), chosen, uid=f"folder:{split}:{os.path.abspath(root)}",
+                         labels=labels, class_names=classes)
 
 
 class TfdsSource:
@@ -180,7 +204,8 @@ class TfdsSource:
     --file_format=array_record``) so that many hosts never race to download it.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str = "image"):
+    def __init__(self, name: str, split: str, data_dir: str | None, image_key: str = "image",
+                 label_key: str = "label"):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
@@ -213,6 +238,15 @@ class TfdsSource:
                 f"data_cfg.image_key={image_key!r} is not a feature of tfds dataset "
                 f"{name!r}; features: {sorted(first)}."
             )
+        self._label_key = label_key if label_key and label_key in first else ""
+        self.class_names: tuple[str, ...] = ()
+        if self._label_key:
+            try:
+                feature = self._ds.dataset_info.features[self._label_key]
+                self.class_names = tuple(feature.names)
+            except Exception:  # noqa: BLE001 - not a ClassLabel: unlabelled for our purposes
+                self._label_key = ""
+        self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -220,12 +254,14 @@ class TfdsSource:
     def __getitem__(self, key: int) -> dict[str, Any]:
         key = int(key)
         try:
-            data = self._ds[key][self._image_key]
+            record = self._ds[key]
+            data = record[self._image_key]
             if not isinstance(data, (bytes, np.ndarray)):
                 data = bytes(data)
-            return {"key": key, "data": data, "error": ""}
+            label = int(record[self._label_key]) if self._label_key else 0
+            return {"key": key, "data": data, "error": "", "label": label}
         except Exception as e:  # corrupt record / deserialization error
-            return {"key": key, "data": None, "error": _decode_error(e)}
+            return {"key": key, "data": None, "error": _decode_error(e), "label": 0}
 
     def describe(self, key: int) -> str:
         return f"{self._name}[{self._split}] #{int(key)}"
@@ -257,6 +293,7 @@ def make_source(data_cfg, split: str):
         return TfdsSource(
             name, tfds_split, data_cfg.get("tfds_data_dir", "") or None,
             data_cfg.get("image_key", "image") or "image",
+            data_cfg.get("label_key", "label") or "",
         )
     raise ValueError(
         f"Unknown data_cfg.source={kind!r}; expected one of 'embedded', 'folder', 'tfds'."

@@ -155,7 +155,8 @@ def _to_float(img: Image.Image) -> np.ndarray:
 
 
 class DecodeImage(grain.transforms.Map):
-    """``{"key", "data", "error"}`` -> ``{"image": RGB PIL image, "_bad": int64[BAD_SLOTS]}``
+    """``{"key", "data", "error", "label"}`` -> ``{"image": RGB PIL image, "label": int32,
+    "_bad": int64[BAD_SLOTS]}``
     with the shorter side resized per ``resize_short_side``; ``None`` for a bad record."""
 
     def __init__(self, source, resolution: int, resize_short_side: int, shard: tuple[int, int]):
@@ -190,7 +191,7 @@ class DecodeImage(grain.transforms.Map):
                     n = min(BAD_SLOTS, len(pending))
                     bad[:n] = pending[:n]
                     del pending[:n]
-        return {"image": img, "_bad": bad}
+        return {"image": img, "label": np.int32(record.get("label", 0)), "_bad": bad}
 
     def _mark_bad(self, key: int, reason: str) -> None:
         with _lock:
@@ -232,7 +233,7 @@ class RandomCropFlip(grain.transforms.RandomMap):
         img = img.crop((left, top, left + r, top + r))
         if self._random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"image": _to_float(img), "_bad": element["_bad"]}
+        return {"image": _to_float(img), "label": element["label"], "_bad": element["_bad"]}
 
 
 class CenterCrop(grain.transforms.Map):
@@ -247,4 +248,4 @@ class CenterCrop(grain.transforms.Map):
         r = self._res
         top, left = (h - r) // 2, (w - r) // 2
         img = img.crop((left, top, left + r, top + r))
-        return {"image": _to_float(img), "_bad": element["_bad"]}
+        return {"image": _to_float(img), "label": element["label"], "_bad": element["_bad"]}
