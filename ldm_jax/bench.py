@@ -39,7 +39,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
 
     from ldm_jax import config_lib, sharding
     from ldm_jax.models.lpips import create_lpips
-    from ldm_jax.trainers import vae_gan
+    from ldm_jax.trainers import common, vae_gan
 
     config = config_lib.load_config(config_spec)
     config.global_batch_size = batch
@@ -53,7 +53,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
     lp, msg = create_lpips(config.loss.lpips_weights or None, missing="random",
-                           dtype=vae_gan._dtype(config.dtype), rngs=nnx.Rngs(0))
+                           dtype=common.dtype(config.dtype), rngs=nnx.Rngs(0))
     lp_gd, lp_state = nnx.split(lp)
     lp_state = jax.device_put(lp_state, sharding.replicated(mesh))
     gen_lr, disc_lr = vae_gan.learning_rates(config)

@@ -156,12 +156,14 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
 VARIANTS = {"": None, "tiny": apply_tiny, "demo": apply_demo}
 
 
-def with_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def with_variant(c: ml_collections.ConfigDict, arg: str | None,
+                 variants: dict | None = None) -> ml_collections.ConfigDict:
+    variants = VARIANTS if variants is None else variants
     arg = (arg or "").strip()
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {sorted(k for k in VARIANTS if k)}")
-    if VARIANTS[arg] is not None:
-        VARIANTS[arg](c)
+    if arg not in variants:
+        raise ValueError(f"unknown config variant {arg!r}; choose one of {sorted(k for k in variants if k)}")
+    if variants[arg] is not None:
+        variants[arg](c)
         c.name = f"{c.name}_{arg}"
     return c
 
@@ -249,5 +251,205 @@ def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = 
         need(c.eval_batch_size % num_devices == 0,
              f"eval_batch_size={c.eval_batch_size} is not divisible by the {num_devices} devices; "
              f"use a multiple of {num_devices}")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------
+# Latent diffusion (second stage)
+# ----------------------------------------------------------------------------------------
+
+LDM_PREDICTIONS = ("eps", "v")
+LDM_SCHEDULES = ("linear", "scaled_linear", "cosine")
+LDM_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+LDM_SPACES = ("latent", "pixel")
+
+
+def ldm_base_config() -> ml_collections.ConfigDict:
+    """Latent diffusion on a frozen KL-f8 autoencoder (32x32x4 latents of 256x256 images).
+
+    U-Net: the ~270M ADM-style model (224 channels, mult (1,2,3,4), attention at factors
+    2/4/8, 32-channel heads); SD-style scaled-linear betas 0.00085 -> 0.012; eps prediction.
+    """
+    c = ml_collections.ConfigDict()
+    c.trainer = "ldm"
+    c.name = "ldm_f8"
+    c.seed = 0
+    c.num_train_steps = 400_000
+    c.global_batch_size = 64
+    c.dtype = "bfloat16"
+    c.param_dtype = "float32"
+    # "latent": diffusion on the autoencoder's latents; "pixel": the same U-Net on pixels
+    # (the baseline of the latent-vs-pixel comparison; no autoencoder).
+    c.space = "latent"
+    # A VAE-GAN workdir (its latest checkpoint) or a converted pretrained directory
+    # (`python -m ldm_jax.convert autoencoder-import ...`). Required for space="latent".
+    c.autoencoder_path = ""
+    c.image_resolution = 256  # images fed to the encoder (and decoded samples)
+    c.latent = ml_collections.ConfigDict(dict(
+        scale_factor=0.0,  # 0: 1/std of the first batch's latents (LDM scale_by_std); SD VAE: 0.18215
+        sample_posterior=True,  # z ~ q(z|x) (CompVis) rather than its mean
+        cache=False,  # encode the (center-cropped, and flipped) training set once, then train from the cache
+        cache_max_images=100_000,
+    ))
+    c.model = ml_collections.ConfigDict(dict(
+        in_channels=-1,  # -1: the latent channels (or 3 for pixels)
+        out_channels=-1,
+        model_channels=224,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
+        attention_resolutions=(2, 4, 8),
+        num_head_channels=32,
+        num_heads=-1,
+        dropout=0.0,
+        num_classes=0,  # 0: unconditional; N: class-conditional with a null class for CFG
+        use_scale_shift_norm=True,
+        norm_eps=1e-5,
+        norm_groups=32,
+        remat=False,
+    ))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="scaled_linear",
+        num_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction="eps",
+        min_snr_gamma=0.0,  # > 0: min-SNR-gamma loss weighting (e.g. 5.0)
+        label_dropout=0.1,  # classifier-free guidance training: p(label -> null class)
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4,
+        b1=0.9,
+        b2=0.999,
+        weight_decay=0.0,
+        warmup_steps=1_000,
+        grad_clip_norm=1.0,  # 0 disables
+    ))
+    c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))  # warmup: min(decay, (1+n)/(10+n))
+    c.sampling = ml_collections.ConfigDict(dict(
+        sampler="ddim", num_steps=50, eta=0.0, cfg_scale=1.5,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1))
+    c.data = vae_base_config().data
+    c.log_every_steps = 100
+    c.eval_every_steps = 5_000
+    c.num_eval_images = 256
+    c.eval_batch_size = 64
+    c.image_every_steps = 5_000
+    c.num_image_samples = 16
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
+    return c
+
+
+def apply_ldm_tiny(c: ml_collections.ConfigDict) -> None:
+    """Seconds on CPU (tests): 32x32 images, 8x8x4 latents of a tiny autoencoder, tiny U-Net."""
+    c.image_resolution = 32
+    c.model.model_channels = 32
+    c.model.channel_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attention_resolutions = (2,)
+    c.model.num_head_channels = 16
+    c.dtype = "float32"
+    c.global_batch_size = 8
+    c.num_train_steps = 4
+    c.optim.warmup_steps = 0
+    c.optim.lr = 1e-3
+    c.sampling.num_steps = 4
+    c.log_every_steps = 1
+    c.eval_every_steps = 4
+    c.num_eval_images = 8
+    c.eval_batch_size = 8
+    c.image_every_steps = 4
+    c.num_image_samples = 8
+    c.checkpoint_every_steps = 2
+    c.compilation_cache_dir = ""
+
+
+def apply_ldm_demo(c: ml_collections.ConfigDict) -> None:
+    """Embedded photos, 64x64 images: a small U-Net that visibly learns in minutes on CPU."""
+    c.image_resolution = 64
+    c.model.model_channels = 64
+    c.model.channel_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attention_resolutions = (2,)
+    c.model.num_head_channels = 32
+    c.model.num_classes = 9  # each embedded photo is a class
+    c.dtype = "float32"
+    c.global_batch_size = 8
+    c.num_train_steps = 2_000
+    c.optim.warmup_steps = 100
+    c.optim.lr = 2e-4
+    c.ema.decay = 0.999
+    c.sampling.num_steps = 25
+    c.sampling.cfg_scale = 3.0
+    c.data.resize_short_side = 128
+    c.log_every_steps = 20
+    c.eval_every_steps = 250
+    c.num_eval_images = 16
+    c.eval_batch_size = 8
+    c.image_every_steps = 250
+    c.num_image_samples = 8
+    c.checkpoint_every_steps = 250
+
+
+LDM_VARIANTS = {"": None, "tiny": apply_ldm_tiny, "demo": apply_ldm_demo}
+
+
+def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ``ValueError`` listing every unknown key and impossible value of an LDM config."""
+    errors = _check_keys(c, ldm_base_config(), "")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    need(c.trainer == "ldm", f"trainer must be 'ldm' for this config, got {c.trainer!r}")
+    need(c.space in LDM_SPACES, f"space must be one of {LDM_SPACES}, got {c.space!r}")
+    if c.space == "latent":
+        need(bool(c.autoencoder_path),
+             "autoencoder_path is empty: set --config.autoencoder_path to a VAE-GAN workdir "
+             "(python train.py --config=configs/vae_f8.py ...) or a converted autoencoder "
+             "(python -m ldm_jax.convert autoencoder-import ...)")
+    need(c.num_train_steps >= 1 and c.global_batch_size >= 1,
+         "num_train_steps and global_batch_size must be >= 1")
+    need(c.dtype in DTYPES and c.param_dtype in DTYPES, f"dtype and param_dtype must be in {DTYPES}")
+    m = c.model
+    need(len(m.channel_mult) >= 1 and m.num_res_blocks >= 1, "model.channel_mult and num_res_blocks must be non-empty/>= 1")
+    widths = [m.model_channels * k for k in m.channel_mult]
+    need(all(w % m.norm_groups == 0 for w in widths),
+         f"model widths {widths} must be multiples of model.norm_groups={m.norm_groups}")
+    if m.num_head_channels > 0:
+        need(all(w % m.num_head_channels == 0 for w in widths),
+             f"model widths {widths} must be multiples of model.num_head_channels={m.num_head_channels}")
+    need(m.num_classes >= 0, "model.num_classes must be >= 0 (0 = unconditional)")
+    need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    d = c.diffusion
+    need(d.schedule in LDM_SCHEDULES, f"diffusion.schedule must be one of {LDM_SCHEDULES}, got {d.schedule!r}")
+    need(d.prediction in LDM_PREDICTIONS, f"diffusion.prediction must be one of {LDM_PREDICTIONS}, got {d.prediction!r}")
+    need(d.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
+    need(0.0 <= d.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
+    need(d.min_snr_gamma >= 0, "diffusion.min_snr_gamma must be >= 0")
+    s = c.sampling
+    need(s.sampler in LDM_SAMPLERS, f"sampling.sampler must be one of {LDM_SAMPLERS}, got {s.sampler!r}")
+    need(1 <= s.num_steps <= d.num_timesteps, "sampling.num_steps must be in [1, diffusion.num_timesteps]")
+    need(s.cfg_scale >= 0, "sampling.cfg_scale must be >= 0")
+    need(0.0 < c.ema.decay < 1.0, "ema.decay must be in (0, 1)")
+    need(c.latent.scale_factor >= 0, "latent.scale_factor must be >= 0 (0 = estimate from data)")
+    need(c.optim.lr > 0 and c.optim.warmup_steps >= 0 and c.optim.grad_clip_norm >= 0,
+         "optim.lr must be > 0, warmup_steps and grad_clip_norm >= 0")
+    for k in ("log_every_steps", "eval_every_steps", "image_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "num_image_samples", "num_eval_images"):
+        need(c[k] >= 1, f"{k} must be >= 1")
+    need(c.data.source in ("embedded", "folder", "tfds"),
+         f"data.source must be 'embedded', 'folder' or 'tfds', got {c.data.source!r}")
+    if num_devices is not None:
+        for k in ("global_batch_size", "eval_batch_size"):
+            need(c[k] % num_devices == 0,
+                 f"{k}={c[k]} is not divisible by the {num_devices} devices of the mesh; "
+                 f"use a multiple of {num_devices}")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))

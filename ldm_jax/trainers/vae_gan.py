@@ -17,7 +17,6 @@ BatchNorm statistics are those of each batch (global across the mesh inside ``ji
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
@@ -39,6 +37,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import create_lpips
+from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype as _dtype, fresh as _fresh,
+                                     global_norm as _norm, log_once as _log_once, tree_where as _tree_where)
 
 log = logging.getLogger("ldm_jax")
 
@@ -75,10 +75,6 @@ class Models(flax.struct.PyTreeNode):
     lpips: Any = flax.struct.field(pytree_node=False)
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 def build_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype))
     ae = AutoencoderKL(AutoencoderConfig.from_dict(config.model), rngs=rngs, **kw)
@@ -101,24 +97,6 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.Gradie
         parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
     parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2))
     return optax.chain(*parts)
-
-
-_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
-
-
-def _fresh(tree):
-    """Rebuild a State's Variables in the current trace (NNX refuses to mutate Variables
-    created by an outer trace, e.g. BatchNorm statistics closed over by ``jax.grad``)."""
-    return jax.tree.map(lambda v: v, tree)
-
-
-def _tree_where(pred, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _last_layer_head(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -212,7 +190,7 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             disc_params=optax.apply_updates(state.disc_params, disc_upd),
             gen_opt=gen_opt, disc_opt=disc_opt, disc_stats=disc_stats, ae_rest=ae_rest)
         finite = (jnp.isfinite(total) & jnp.isfinite(d_loss)
-                  & _all_finite(gen_grads) & _all_finite(disc_grads))
+                  & all_finite(gen_grads) & all_finite(disc_grads))
         old = {k: getattr(state, k) for k in candidate}
         new_state = state.replace(
             **_tree_where(finite, candidate, old),
@@ -280,16 +258,6 @@ def create_train_state(config, mesh, gen_tx, disc_tx) -> tuple[tuple, TrainState
     return graphdefs, state, shardings
 
 
-def _abstract_with_shardings(tree, shardings):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _log_once(msg: str) -> None:
-    if jax.process_index() == 0:
-        log.warning(msg)
-
-
 # ----------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------
@@ -345,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         restored, meta = ckpt.restore(
-            latest, _abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
+            latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
         state = TrainState(**restored)
         _log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory})")
     start_step = int(jax.device_get(state.step))
