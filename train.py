@@ -1,6 +1,7 @@
 """Train a model from an ml_collections config.
 
   python train.py --config=configs/vae_f8.py[:tiny|:demo] [--workdir=DIR] [--config.key=value ...]
+  python train.py --config=configs/ldm_f8.py --config.autoencoder_path=workdirs/vae_f8
 
 Re-running with the same --workdir resumes from its latest checkpoint.
 """
@@ -39,8 +40,10 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     if config.trainer == "vae_gan":
         from ldm_jax.trainers import vae_gan as trainer
+    elif config.trainer == "ldm":
+        from ldm_jax.trainers import ldm as trainer
     else:
-        raise app.UsageError(f"unknown trainer {config.trainer!r} in config (known: vae_gan)")
+        raise app.UsageError(f"unknown trainer {config.trainer!r} in config (known: vae_gan, ldm)")
     if jax.process_index() == 0:
         logging.info("workdir: %s", os.path.abspath(workdir))
     trainer.train_and_evaluate(config, workdir)

@@ -196,13 +196,24 @@ def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_image
     is smaller than one batch, or corrupt files shrink it, images repeat cyclically so every
     process returns the same number of batches (at least one).
     """
+    return ordered_batches(data_cfg, split="eval", resolution=resolution, batch_size=batch_size,
+                           num_images=num_images)
+
+
+def ordered_batches(data_cfg, *, split: str, resolution: int, batch_size: int, num_images: int,
+                    keep_remainder: bool = False) -> list[dict]:
+    """Center-cropped batches of ``split`` in file order (see ``create_eval_batches``).
+
+    ``keep_remainder``: keep the last partial batch, filled up by repeating images; the
+    number of real images of the process's part is then ``batches[-1]["num_valid"]``
+    summed over batches (each batch carries ``num_valid``)."""
     cfg = _validate(data_cfg, resolution)
     lb = _local_batch(batch_size, "eval batch_size")
     if not _is_int(num_images) or num_images <= 0:
         raise ValueError(f"num_images must be a positive int, got {num_images!r}.")
     index, count = _process_index_count()
 
-    source = sources_lib.make_source(data_cfg, "eval")
+    source = sources_lib.make_source(data_cfg, split)
     n = min(int(num_images), len(source))
     if n >= count:
         per = n // count
@@ -210,7 +221,10 @@ def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_image
     else:  # fewer images than processes: each process takes one (shared) image
         start = index % n
         end = start + 1
-    num_batches = max(1, (end - start) // lb)
+    if keep_remainder:
+        num_batches = max(1, -(-(end - start) // lb))
+    else:
+        num_batches = max(1, (end - start) // lb)
 
     ds = grain.MapDataset.source(source)[start:end]
     ds = ds.map(tf_lib.DecodeImage(source, resolution, cfg["resize"], (start, end)))
@@ -219,14 +233,19 @@ def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_image
     images = [el["image"] for el in els]
     labels = [el["label"] for el in els]
     if not images:  # DecodeImage raises first; kept as a guard
-        raise ValueError(f"No readable eval images in {source!r} [{start}, {end}).")
+        raise ValueError(f"No readable {split} images in {source!r} [{start}, {end}).")
+    real = len(images)
     needed = num_batches * lb
     images = [images[i % len(images)] for i in range(needed)]
     labels = [labels[i % len(labels)] for i in range(needed)]
-    return [
-        {"image": np.stack(images[i * lb:(i + 1) * lb]),
-         "label": np.asarray(labels[i * lb:(i + 1) * lb], np.int32)} for i in range(num_batches)
-    ]
+    out = []
+    for i in range(num_batches):
+        b = {"image": np.stack(images[i * lb:(i + 1) * lb]),
+             "label": np.asarray(labels[i * lb:(i + 1) * lb], np.int32)}
+        if keep_remainder:
+            b["num_valid"] = int(min(lb, max(real - i * lb, 0)))
+        out.append(b)
+    return out
 
 
 def class_names(data_cfg) -> tuple[str, ...]:

@@ -1,0 +1,546 @@
+"""Latent diffusion trainer: a U-Net on the latents of a frozen autoencoder.
+
+The autoencoder comes from ``config.autoencoder_path`` (a VAE-GAN workdir or a converted
+pretrained directory) and is never trained; its parameters live beside the train state,
+sharded by the same rule. Each step encodes the batch (or reads cached posterior moments),
+samples z ~ q(z|x), scales it by ``scale_factor`` (fixed by config, or 1/std of the first
+batch's latents, stored in the checkpoint), and takes one jitted, donated, sharded step of
+the diffusion loss with an EMA of the U-Net weights. ``space="pixel"`` trains the same
+U-Net on images (the baseline of the latent-vs-pixel comparison).
+
+Checkpoints hold the U-Net parameters, EMA, optimizer state, step, RNG, scale factor and
+the data iterator; a run restarted with the same workdir continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ldm_jax import checkpointing, config_lib, data, diffusion, pretrained, sharding
+from ldm_jax import metric_writers as mw
+from ldm_jax.models.autoencoder import DiagonalGaussian
+from ldm_jax.models.unet import UNet, UNetConfig
+from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype, global_norm, log_once,
+                                     param_count, tree_where)
+
+log = logging.getLogger("ldm_jax")
+
+METRIC_NAMES = ("loss", "grad_norm", "lr", "ema_decay", "skipped")
+TrainMetrics = clu_metrics.Collection.create(
+    **{n: clu_metrics.Average.from_output(n) for n in METRIC_NAMES})
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # U-Net nnx.Param state
+    rest: Any  # non-Param U-Net state (normally empty)
+    ema_params: Any
+    opt: Any
+    rng: jax.Array
+    scale_factor: jax.Array  # latent scale (1.0 in pixel space)
+    nan_skips: jax.Array
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+class Models(flax.struct.PyTreeNode):
+    unet: Any = flax.struct.field(pytree_node=False)
+    ae: Any = flax.struct.field(pytree_node=False)  # None in pixel space
+
+
+# ----------------------------------------------------------------------------------------
+# Models, schedule, optimizer
+# ----------------------------------------------------------------------------------------
+
+
+def unet_config(config: ml_collections.ConfigDict, channels: int) -> UNetConfig:
+    m = config.model.to_dict()
+    m["in_channels"] = channels if m["in_channels"] == -1 else m["in_channels"]
+    m["out_channels"] = channels if m["out_channels"] == -1 else m["out_channels"]
+    m["num_classes"] = m["num_classes"] or None
+    return UNetConfig.from_dict(m)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+    d = config.diffusion
+    return diffusion.Schedule.create(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+    o = config.optim
+    lr = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
+          else optax.constant_schedule(o.lr))
+    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    return optax.chain(*parts), lr
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """LDM's LitEma: min(decay, (1 + n) / (10 + n)) with warmup, else the constant decay."""
+    decay = jnp.float32(config.ema.decay)
+    if config.ema.warmup:
+        n = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return decay
+
+
+def load_autoencoder(config: ml_collections.ConfigDict):
+    """(graphdef, state, AutoencoderConfig, description) of the frozen autoencoder."""
+    ae, cfg, where = pretrained.load_autoencoder(
+        os.path.expanduser(config.autoencoder_path), dtype=dtype(config.dtype),
+        param_dtype=dtype(config.param_dtype))
+    gd, state = nnx.split(ae)
+    return gd, state, cfg, where
+
+
+def latent_shape(config: ml_collections.ConfigDict, ae_cfg) -> tuple[int, int, int]:
+    r = config.image_resolution
+    if config.space == "pixel":
+        return (r, r, 3)
+    f = ae_cfg.downsample_factor
+    if r % f:
+        raise ValueError(f"image_resolution={r} is not divisible by the autoencoder's factor {f}")
+    return (r // f, r // f, ae_cfg.embed_dim)
+
+
+def encode(models: Models, ae_state: Any, images: jax.Array) -> jax.Array:
+    """Posterior moments [B, h, w, 2C] of images (no gradient)."""
+    ae = nnx.merge(models.ae, ae_state)
+    return jax.lax.stop_gradient(ae.encode_moments(images))
+
+
+def to_latent(models: Models, config, ae_state, batch: dict, key, scale) -> jax.Array:
+    """The diffusion model's data x0 for this batch (scaled latents, or pixels)."""
+    if config.space == "pixel":
+        return batch["image"].astype(jnp.float32)
+    moments = batch["moments"] if "moments" in batch else encode(models, ae_state, batch["image"])
+    post = DiagonalGaussian(moments)
+    z = post.sample(key) if config.latent.sample_posterior else post.mode()
+    return z * scale
+
+
+def decode(models: Models, config, ae_state, z: jax.Array, scale) -> jax.Array:
+    if config.space == "pixel":
+        return jnp.clip(z.astype(jnp.float32), -1.0, 1.0)
+    ae = nnx.merge(models.ae, ae_state)
+    return jnp.clip(ae.decode(z / scale).astype(jnp.float32), -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------
+
+
+def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn,
+                    sched: diffusion.Schedule) -> Callable:
+    d = config.diffusion
+    num_classes = int(config.model.num_classes)
+    use_dropout = config.model.dropout > 0
+
+    def step_fn(state: TrainState, ae_state: Any, batch: dict, acc: Any):
+        rng, k_post, k_loss, k_drop, k_lab = jax.random.split(state.rng, 5)
+        x0 = to_latent(models, config, ae_state, batch, k_post, state.scale_factor)
+        y = None
+        if num_classes:
+            y = batch["label"].astype(jnp.int32)
+            drop = jax.random.bernoulli(k_lab, d.label_dropout, y.shape)
+            y = jnp.where(drop, num_classes, y)
+
+        def loss_fn(params):
+            unet = nnx.merge(models.unet, params, state.rest)
+            fn = lambda xt, t: unet(xt, t, y, dropout_key=k_drop if use_dropout else None)  # noqa: E731
+            loss, _ = diffusion.diffusion_loss(sched, fn, x0, k_loss, prediction=d.prediction,
+                                               min_snr_gamma=d.min_snr_gamma)
+            return loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt = tx.update(grads, state.opt, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(config, state.step)
+        ema = jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32)
+                                         + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
+                           state.ema_params, params)
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        new = tree_where(finite, dict(params=params, opt=opt, ema_params=ema),
+                         dict(params=state.params, opt=state.opt, ema_params=state.ema_params))
+        new_state = state.replace(**new, step=state.step + 1, rng=rng,
+                                  nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
+        out = dict(loss=loss, grad_norm=global_norm(grads), lr=lr_fn(state.step), ema_decay=decay,
+                   skipped=(~finite).astype(jnp.float32))
+        out = {k: jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) for k, v in out.items()}
+        return new_state, acc.merge(TrainMetrics.single_from_model_output(**out))
+
+    return step_fn
+
+
+def make_eval_step(models: Models, config: ml_collections.ConfigDict, sched) -> Callable:
+    """Validation loss with fixed noise/timesteps (comparable across evals)."""
+    d = config.diffusion
+    num_classes = int(config.model.num_classes)
+
+    def eval_fn(params, rest, ae_state, batch, scale, key):
+        k_post, k_loss = jax.random.split(key)
+        x0 = to_latent(models, config, ae_state, batch, k_post, scale)
+        y = batch["label"].astype(jnp.int32) if num_classes else None
+        unet = nnx.merge(models.unet, params, rest)
+        loss, _ = diffusion.diffusion_loss(sched, lambda xt, t: unet(xt, t, y), x0, k_loss,
+                                           prediction=d.prediction, min_snr_gamma=d.min_snr_gamma)
+        return loss
+
+    return eval_fn
+
+
+def make_sample_fn(models: Models, config: ml_collections.ConfigDict, sched, shape: tuple,
+                   *, sampler: str | None = None, num_steps: int | None = None,
+                   eta: float | None = None, cfg_scale: float | None = None,
+                   decode_images: bool = True) -> Callable:
+    """``(params, rest, ae_state, key, labels, scale) -> images in [-1, 1]`` (or latents).
+
+    ``shape`` is the per-call latent batch shape [n, h, w, c]; labels [n] int (ignored for
+    unconditional models; the null class means unconditional). Jit it (with shardings).
+    """
+    s, d = config.sampling, config.diffusion
+    sampler = sampler or s.sampler
+    num_steps = int(num_steps or s.num_steps)
+    eta = float(s.eta if eta is None else eta)
+    cfg_scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
+    num_classes = int(config.model.num_classes)
+
+    def sample_fn(params, rest, ae_state, key, labels, scale):
+        unet = nnx.merge(models.unet, params, rest)
+        if num_classes:
+            model_fn = diffusion.classifier_free_guidance(
+                lambda x, t, y: unet(x, t, y), labels, num_classes, cfg_scale)
+        else:
+            model_fn = lambda x, t: unet(x, t)  # noqa: E731
+        z = diffusion.sample(model_fn, sched, tuple(shape), key, sampler=sampler,
+                             num_steps=num_steps, eta=eta, prediction=d.prediction)
+        return decode(models, config, ae_state, z, scale) if decode_images else z
+
+    return sample_fn
+
+
+# ----------------------------------------------------------------------------------------
+# Setup helpers
+# ----------------------------------------------------------------------------------------
+
+
+def build_unet(config, channels: int, seed: int) -> UNet:
+    return UNet(unet_config(config, channels), dtype=dtype(config.dtype),
+                param_dtype=dtype(config.param_dtype), rngs=nnx.Rngs(params=seed))
+
+
+def create_train_state(config, mesh, tx, channels: int, scale_factor: float):
+    """U-Net, EMA and optimizer state born sharded on ``mesh``."""
+
+    def init() -> TrainState:
+        unet = build_unet(config, channels, config.seed)
+        _, params, rest = nnx.split(unet, nnx.Param, ...)
+        return TrainState(
+            step=jnp.int32(0), params=params, rest=rest,
+            ema_params=jax.tree.map(lambda p: p, params), opt=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed + 1), scale_factor=jnp.float32(scale_factor),
+            nan_skips=jnp.int32(0))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_unet(config, channels, config.seed)))
+    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+class _ArraySource:
+    """grain source over cached posterior moments (and labels)."""
+
+    def __init__(self, moments: np.ndarray, labels: np.ndarray):
+        self._m, self._l = moments, labels
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        return {"moments": np.asarray(self._m[i], np.float32), "label": np.int32(self._l[i])}
+
+
+def build_latent_cache(config, workdir: str, models: Models, ae_state, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Encode this process's shard of the training set once (center crop, plus its mirror
+    image when ``data.random_flip``) and keep the posterior moments in
+    ``workdir/latent_cache/process_<i>.npz``; later runs reuse the file."""
+    path = os.path.join(workdir, "latent_cache", f"process_{jax.process_index()}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return f["moments"], f["labels"]
+    cfg = dict(config.data.to_dict(), random_crop=False, random_flip=False)
+    n_train = len(data.sources.make_source(config.data, "train"))
+    n = min(n_train, config.latent.cache_max_images)
+    batch_sh = sharding.batch_sharding(mesh)
+    enc = jax.jit(lambda st, x: encode(models, st, x), out_shardings=batch_sh)
+    b = config.eval_batch_size
+    ds = data.ordered_batches(ml_collections.ConfigDict(cfg), split="train",
+                              resolution=config.image_resolution, batch_size=b, num_images=n,
+                              keep_remainder=True)
+    moments, labels = [], []
+    for batch in ds:
+        images, k = batch["image"], batch["num_valid"]
+        views = [images, images[:, :, ::-1]] if config.data.random_flip else [images]
+        for v in views:
+            gb = sharding.global_batch({"image": np.ascontiguousarray(v)}, batch_sh)
+            m = enc(ae_state, gb["image"])
+            local = np.concatenate([np.asarray(s.data) for s in
+                                    sorted(m.addressable_shards, key=lambda s: s.index[0].start or 0)])
+            moments.append(local[:k])
+            labels.append(batch["label"][:k])
+    moments_a = np.concatenate(moments).astype(np.float16)
+    labels_a = np.concatenate(labels).astype(np.int32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, moments=moments_a, labels=labels_a)
+    os.replace(tmp, path)
+    log_once(f"latent cache: {len(moments_a)} latents ({moments_a.nbytes / 2**20:.1f} MiB) -> {path}")
+    return moments_a, labels_a
+
+
+def cached_latent_iterator(moments, labels, global_batch_size: int, seed: int):
+    b = global_batch_size // jax.process_count()
+    ds = grain.MapDataset.source(_ArraySource(moments, labels)).seed(seed).shuffle().repeat(None)
+    return iter(ds.to_iter_dataset().batch(b, drop_remainder=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) in ``workdir``; returns {"history", "eval", "start_step", "final_step"}."""
+    # ---- setup ---------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate_ldm_config(config, num_devices=mesh.size)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
+    writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
+    batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+    # ---- frozen autoencoder ----------------------------------------------------------------
+    ae_gd = ae_state = ae_cfg = None
+    if config.space == "latent":
+        ae_gd, ae_state, ae_cfg, where = load_autoencoder(config)
+        ae_state = jax.device_put(ae_state, sharding.state_shardings(ae_state, mesh))
+        log_once(f"frozen autoencoder from {where}: {param_count(ae_state) / 1e6:.2f}M params, "
+                 f"factor {ae_cfg.downsample_factor}, {ae_cfg.embed_dim} latent channels")
+    shape = latent_shape(config, ae_cfg)
+    sched = make_schedule(config)
+
+    # ---- data ------------------------------------------------------------------------------
+    num_classes = int(config.model.num_classes)
+    if num_classes:
+        names = data.class_names(config.data)
+        if not names:
+            raise ValueError(f"model.num_classes={num_classes} but the training data has no class "
+                             "labels (use a folder with one sub-folder per class, a tfds dataset "
+                             "with a label feature, or model.num_classes=0)")
+        if len(names) > num_classes:
+            raise ValueError(f"the data has {len(names)} classes but model.num_classes={num_classes}")
+    models = Models(unet=None, ae=ae_gd)
+    res = config.image_resolution
+    if config.latent.cache and config.space == "latent":
+        moments, labels = build_latent_cache(config, workdir, models, ae_state, mesh)
+        train_iter = cached_latent_iterator(moments, labels, config.global_batch_size,
+                                            config.seed * 1000 + jax.process_index())
+    else:
+        train_iter = data.create_train_iterator(config.data, resolution=res,
+                                                global_batch_size=config.global_batch_size,
+                                                seed=config.seed)
+    eval_batches = data.create_eval_batches(config.data, resolution=res,
+                                            batch_size=config.eval_batch_size,
+                                            num_images=config.num_eval_images)
+
+    # ---- latent scale ------------------------------------------------------------------------
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    scale = 1.0
+    if config.space == "latent":
+        scale = float(config.latent.scale_factor)
+        if scale == 0.0 and latest is None:
+            first = data.create_train_iterator(config.data, resolution=res,
+                                               global_batch_size=config.global_batch_size,
+                                               seed=config.seed)
+            gb = sharding.global_batch({"image": next(first)["image"]}, batch_sh)
+            z = jax.jit(lambda st, x: to_latent(models, config, st, {"image": x},
+                                                jax.random.PRNGKey(config.seed), 1.0))(ae_state, gb["image"])
+            std = float(jnp.std(z.astype(jnp.float32)))
+            scale = 1.0 / max(std, 1e-8)
+            log_once(f"latent scale factor 1/std of the first batch's latents: {scale:.5f} (std {std:.4f})")
+
+    # ---- model and optimizer init (born sharded) ----------------------------------------------
+    tx, lr_fn = make_optimizer(config)
+    unet_gd, state, state_sh = create_train_state(config, mesh, tx, shape[-1], scale)
+    models = Models(unet=unet_gd, ae=ae_gd)
+    log_once(f"U-Net {param_count(state.params) / 1e6:.2f}M params on {shape} "
+             f"({config.space}); mesh {dict(mesh.shape)}; lr {config.optim.lr:g}")
+
+    # ---- checkpoint restore -------------------------------------------------------------------
+    if latest is not None:
+        restored, meta = ckpt.restore(
+            latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
+        state = TrainState(**restored)
+        log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory}); "
+                 f"scale factor {float(state.scale_factor):.5f}")
+    start_step = int(jax.device_get(state.step))
+    if is_main:
+        with open(os.path.join(workdir, "latent.json"), "w") as f:
+            json.dump({"scale_factor": float(jax.device_get(state.scale_factor)),
+                       "latent_shape": list(shape), "space": config.space,
+                       "autoencoder_path": os.path.abspath(os.path.expanduser(config.autoencoder_path))
+                       if config.autoencoder_path else ""}, f, indent=2)
+
+    # ---- compiled functions ---------------------------------------------------------------------
+    metrics_sh = jax.tree.map(lambda _: rep, TrainMetrics.empty())
+    ae_sh = jax.tree.map(lambda a: a.sharding, ae_state) if ae_state is not None else None
+    train_step = jax.jit(make_train_step(models, config, tx, lr_fn, sched),
+                         in_shardings=(state_sh, ae_sh, batch_sh, metrics_sh),
+                         out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
+    eval_step = jax.jit(make_eval_step(models, config, sched), out_shardings=rep)
+    n_img = -(-config.num_image_samples // mesh.size) * mesh.size
+    sample_step = jax.jit(make_sample_fn(models, config, sched, (n_img, *shape)),
+                          out_shardings=batch_sh)
+    sample_labels = jax.device_put(np.arange(n_img, dtype=np.int32) % max(num_classes, 1), batch_sh)
+
+    def run_eval(step: int) -> dict:
+        losses = []
+        for i, b in enumerate(eval_batches):
+            gb = sharding.global_batch(b, batch_sh)
+            losses.append(eval_step(state.ema_params, state.rest, ae_state, gb, state.scale_factor,
+                                    jax.random.PRNGKey(10_000 + i)))
+        result = {"eval/loss_ema": float(np.mean(jax.device_get(losses)))}
+        writer.write_scalars(step, result)
+        return result
+
+    def write_samples(step: int) -> None:
+        imgs = sample_step(state.ema_params, state.rest, ae_state,
+                           jax.random.PRNGKey(config.seed + 7), sample_labels, state.scale_factor)
+        imgs = multihost_utils.process_allgather(imgs, tiled=True)[:config.num_image_samples]
+        grid = mw.image_grid([mw.to_uint8(imgs)])
+        writer.write_images(step, {"samples": grid[None]})
+        if is_main:
+            mw.save_png(os.path.join(workdir, "images", f"samples_{step:08d}.png"), grid)
+
+    def save(step: int) -> None:
+        meta = dict(step=step, name=config.name, time=time.time(), skipped_files=data.skipped_count(),
+                    scale_factor=float(jax.device_get(state.scale_factor)))
+        ckpt.save(step, state.as_dict(), train_iter, meta)
+
+    # ---- training loop ---------------------------------------------------------------------------
+    history: dict[int, dict] = {}
+    eval_result: dict = {}
+    acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
+    progress = mw.Progress(config.num_train_steps, start_step, config.global_batch_size, enabled=is_main)
+    preempt = checkpointing.PreemptionFlag()
+    step = start_step
+    first_step = True
+    try:
+        while step < config.num_train_steps:
+            raw = next(train_iter)
+            batch = sharding.global_batch(
+                {k: v for k, v in raw.items() if k in ("image", "moments", "label")}, batch_sh)
+            t0 = time.perf_counter()
+            state, acc = train_step(state, ae_state, batch, acc)
+            if first_step:
+                jax.block_until_ready(acc)
+                log_once(f"first step (compile + run) took {time.perf_counter() - t0:.1f}s")
+                first_step = False
+            step += 1
+            last = step == config.num_train_steps
+            if step % config.log_every_steps == 0 or last:
+                scalars = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
+                acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
+                scalars["nan_skips_total"] = float(jax.device_get(state.nan_skips))
+                scalars["images_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
+                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                history[step] = scalars
+            if step % config.eval_every_steps == 0 or last:
+                eval_result = run_eval(step)
+                if is_main:
+                    log.info("step %d eval %s", step, json.dumps(eval_result))
+            if step % config.image_every_steps == 0 or last:
+                write_samples(step)
+            stop = preempt.is_set() if (jax.process_count() == 1 or step % config.log_every_steps == 0) else False
+            if step % config.checkpoint_every_steps == 0 or last or stop:
+                save(step)
+            if stop:
+                log_once(f"stopped by SIGTERM at step {step}; checkpoint saved")
+                break
+        writer.flush()
+    finally:
+        preempt.restore_handler()
+        ckpt.close()
+        writer.close()
+    return {"history": history, "eval": eval_result, "start_step": start_step, "final_step": step}
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a trained LDM (sample.py, evaluation)
+# ----------------------------------------------------------------------------------------
+
+
+class Trained(flax.struct.PyTreeNode):
+    config: Any = flax.struct.field(pytree_node=False)
+    models: Any = flax.struct.field(pytree_node=False)
+    params: Any = None
+    rest: Any = None
+    ae_state: Any = None
+    scale_factor: Any = None
+    step: int = flax.struct.field(pytree_node=False, default=0)
+    latent_shape: tuple = flax.struct.field(pytree_node=False, default=())
+    ae_factor: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def load_trained(workdir: str, *, use_ema: bool = True, dtype_name: str | None = None) -> Trained:
+    """The latest checkpoint of an LDM workdir with its frozen autoencoder, on the host."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{workdir} has no config.json: not an LDM training workdir")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("trainer") != "ldm":
+        raise ValueError(f"{workdir} holds a {config.get('trainer')!r} run, not an LDM (trainer 'ldm')")
+    if dtype_name:
+        config.dtype = dtype_name
+    ae_gd = ae_state = ae_cfg = None
+    if config.space == "latent":
+        ae_gd, ae_state, ae_cfg, _ = load_autoencoder(config)
+    shape = latent_shape(config, ae_cfg)
+    unet = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
+    unet_gd, params_abs, rest_abs = nnx.split(unet, nnx.Param, ...)
+    step_dir = pretrained._latest_step_dir(workdir)
+    raw = pretrained._restore_tree(os.path.join(step_dir, "state"))
+    concrete = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
+    pretrained._materialise(concrete)
+    pretrained.fill_params(concrete, raw["ema_params" if use_ema else "params"], f"({step_dir})")
+    _, params, rest = nnx.split(concrete, nnx.Param, ...)
+    return Trained(config=config, models=Models(unet=unet_gd, ae=ae_gd), params=params, rest=rest,
+                   ae_state=ae_state, scale_factor=jnp.float32(np.asarray(raw["scale_factor"])),
+                   step=int(np.asarray(raw["step"])), latent_shape=shape,
+                   ae_factor=ae_cfg.downsample_factor if ae_cfg else 1)

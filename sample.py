@@ -1,0 +1,135 @@
+"""Sample images from a trained latent (or pixel) diffusion model.
+
+  python sample.py --workdir=workdirs/ldm_f8 [--num=64] [--steps=50] [--sampler=ddim]
+                   [--eta=0] [--cfg_scale=1.5] [--class=3 | --class=0,5,7] [--seed=0]
+                   [--size=512] [--out=DIR]
+
+Uses the EMA weights of the workdir's latest checkpoint (``--noema`` for the raw ones),
+batched over all devices. ``--size`` larger than the training resolution samples a larger
+latent (the U-Net is convolutional) and decodes it with overlapping tiles
+(``ldm_jax.tiling.decode_tiled``). Writes ``samples_<step>_<sampler><steps>_s<seed>.png``
+(a grid) and a ``.npz`` with the uint8 images and their labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "LDM training workdir.")
+_NUM = flags.DEFINE_integer("num", 16, "Number of images.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Images per device call (0: num rounded up to the device count, at most 64).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Sampler steps (0: the config's sampling.num_steps).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm", "dpmpp_2m"], "Sampler (default: the config's).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
+_CFG = flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (class-conditional models).")
+_CLASS = flags.DEFINE_string("class", "", "Class index or comma-separated list (default: all classes in turn).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_SIZE = flags.DEFINE_integer("size", 0, "Image side in pixels (0: the training resolution).")
+_TILE = flags.DEFINE_integer("tile_overlap", 8, "Latent overlap of decoding tiles (with --size).")
+_OUT = flags.DEFINE_string("out", "", "Output directory (default: WORKDIR/samples).")
+_NOEMA = flags.DEFINE_bool("noema", False, "Use the raw instead of the EMA weights.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _labels(spec: str, num: int, num_classes: int):
+    import numpy as np
+
+    if not num_classes:
+        if spec:
+            raise app.UsageError("--class given but the model is unconditional")
+        return np.zeros((num,), np.int32)
+    if spec:
+        classes = [int(c) for c in spec.split(",")]
+        bad = [c for c in classes if not 0 <= c <= num_classes]
+        if bad:
+            raise app.UsageError(f"--class {bad} out of range [0, {num_classes}] ({num_classes} = unconditional)")
+    else:
+        classes = list(range(num_classes))
+    return np.asarray([classes[i % len(classes)] for i in range(num)], np.int32)
+
+
+def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
+                  eta: float | None = None, cfg_scale: float | None = None, classes: str = "",
+                  size: int = 0, batch: int = 0, tile_overlap: int = 8, use_ema: bool = True):
+    """Returns ``(uint8 images [num, H, W, 3], labels [num], trained)``."""
+    import jax
+    import numpy as np
+
+    from ldm_jax import metric_writers as mw
+    from ldm_jax import sharding, tiling
+    from ldm_jax.trainers import ldm
+
+    tr = ldm.load_trained(workdir, use_ema=use_ema)
+    config = tr.config
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1))
+    n_dev = mesh.size
+    batch = batch or min(64, num)
+    batch = -(-batch // n_dev) * n_dev
+    h, w, c = tr.latent_shape
+    f = tr.ae_factor
+    if size:
+        if size % f:
+            raise app.UsageError(f"--size={size} must be a multiple of the autoencoder factor {f}")
+        h = w = size // f
+    tiled = config.space == "latent" and (h, w) != tuple(tr.latent_shape[:2])
+    sched = ldm.make_schedule(config)
+    fn = ldm.make_sample_fn(tr.models, config, sched, (batch, h, w, c), sampler=sampler,
+                            num_steps=steps or None, eta=eta, cfg_scale=cfg_scale,
+                            decode_images=not tiled)
+    batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    sample_fn = jax.jit(fn, out_shardings=batch_sh)
+    params, rest, ae_state = jax.device_put((tr.params, tr.rest, tr.ae_state), rep)
+    labels = _labels(classes, num, int(config.model.num_classes))
+    decode_tile = None
+    if tiled:
+        th, tw = tr.latent_shape[:2]
+        jitted = jax.jit(lambda st, z: ldm.decode(tr.models, config, st, z, 1.0))
+        decode_tile = lambda z: jitted(ae_state, z)  # noqa: E731
+    out = []
+    for i in range(math.ceil(num / batch)):
+        lab = labels[i * batch:(i + 1) * batch]
+        lab = np.concatenate([lab, np.repeat(lab[-1:], batch - len(lab))]) if len(lab) < batch else lab
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        res = sample_fn(params, rest, ae_state, key, jax.device_put(lab, batch_sh), tr.scale_factor)
+        res = np.asarray(jax.device_get(res))
+        if tiled:
+            res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
+                                      overlap=min(tile_overlap, th - 1))
+        out.append(mw.to_uint8(res))
+    return np.concatenate(out)[:num], labels, tr
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import numpy as np
+
+    from ldm_jax import metric_writers as mw
+
+    images, labels, tr = sample_images(
+        _WORKDIR.value, num=_NUM.value, seed=_SEED.value, steps=_STEPS.value, sampler=_SAMPLER.value,
+        eta=_ETA.value, cfg_scale=_CFG.value, classes=_CLASS.value, size=_SIZE.value,
+        batch=_BATCH.value, tile_overlap=_TILE.value, use_ema=not _NOEMA.value)
+    out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    s = tr.config.sampling
+    tag = f"{tr.step:08d}_{_SAMPLER.value or s.sampler}{_STEPS.value or s.num_steps}_s{_SEED.value}"
+    cols = int(math.ceil(math.sqrt(len(images))))
+    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    if len(rows[-1]) < cols:  # pad the last row with white
+        pad = np.full((cols - len(rows[-1]), *images.shape[1:]), 255, np.uint8)
+        rows[-1] = np.concatenate([rows[-1], pad])
+    png = os.path.join(out_dir, f"samples_{tag}.png")
+    mw.save_png(png, mw.image_grid(rows))
+    npz = os.path.join(out_dir, f"samples_{tag}.npz")
+    np.savez(npz, images=images, labels=labels)
+    logging.info("wrote %s and %s (%d images %s)", png, npz, len(images), images.shape[1:])
+
+
+if __name__ == "__main__":
+    app.run(main)
