@@ -1,6 +1,8 @@
 """Throughput benchmark of the compiled training step.
 
-  python -m ldm_jax.bench vae [--config=configs/vae_f8.py] [--batch=8] [--steps=20] [--out=bench.json]
+  python -m ldm_jax.bench vae    [--config=configs/vae_f8.py] [--batch=8]  [--steps=20] [--out=bench.json]
+  python -m ldm_jax.bench unet   [--config=configs/ldm_f8.py] [--batch=64] [--steps=20]
+  python -m ldm_jax.bench sample [--config=configs/ldm_f8.py] [--batch=16] [--steps=3]  (DDIM-50 + decode)
 
 Compiles once (timed), warms up, then times ``--steps`` steps with a device sync at the
 end, and reports images/s, step time, compile time, peak device memory, XLA's FLOP
@@ -32,6 +34,60 @@ def _peak_flops(device) -> float | None:
     return None
 
 
+def _apply_overrides(config, overrides: dict) -> None:
+    for k, v in overrides.items():
+        node = config
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        cur = node[last]
+        if isinstance(cur, bool):
+            node[last] = v in ("1", "true", "True")
+        elif isinstance(cur, (tuple, list)):
+            node[last] = tuple(int(x) for x in v.strip("()[]").split(",") if x.strip())
+        else:
+            node[last] = type(cur)(v)
+
+
+def _cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def _time(run, steps: int, warmup: int) -> tuple[list[float], float]:
+    """Call ``run()`` (which must block until its result is ready) warmup + steps times."""
+    for _ in range(warmup):
+        run()
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return times, time.perf_counter() - t_all
+
+
+def _report(workload: str, config_spec: str, config, batch: int, steps: int, times, total,
+            compile_s: float, flops: float, n_dev: int, images_per_call: int, **extra) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    step_s = statistics.median(times)
+    peak = _peak_flops(dev)
+    return dict(
+        workload=workload, config=config_spec, batch=batch, dtype=config.dtype, steps=steps,
+        device=getattr(dev, "device_kind", str(dev)), num_devices=n_dev, jax=jax.__version__,
+        python=platform.python_version(), compile_s=compile_s, step_s_median=step_s,
+        step_s_mean=total / steps, images_per_s=images_per_call / step_s, flops_per_step=flops,
+        tflops_per_s=flops / step_s / 1e12 if flops == flops else None,
+        mfu=(flops / step_s / (peak * n_dev)) if (peak and flops == flops) else None,
+        peak_bf16_flops_per_device=peak,
+        peak_memory_bytes=(stats or {}).get("peak_bytes_in_use"), **extra)
+
+
 def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
     import jax
     import numpy as np
@@ -43,12 +99,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
 
     config = config_lib.load_config(config_spec)
     config.global_batch_size = batch
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = type(node[last])(v) if not isinstance(node[last], bool) else v in ("1", "true", "True")
+    _apply_overrides(config, overrides)
     config.loss.lpips_missing = "random"
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
@@ -77,55 +128,157 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     t0 = time.perf_counter()
     compiled = step.lower(state, lp_state, {"image": images[0]}, acc).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    flops = float((cost or {}).get("flops", float("nan")))
+    carry = {"state": state, "acc": acc, "i": 0}
 
-    for i in range(warmup):
-        state, acc = compiled(state, lp_state, {"image": images[i % 2]}, acc)
-    jax.block_until_ready(acc)
-    times = []
-    t_all = time.perf_counter()
-    for i in range(steps):
-        t = time.perf_counter()
-        state, acc = compiled(state, lp_state, {"image": images[i % 2]}, acc)
-        jax.block_until_ready(acc)
-        times.append(time.perf_counter() - t)
-    total = time.perf_counter() - t_all
-    m = jax.device_get(acc.compute())
+    def run():
+        carry["state"], carry["acc"] = compiled(carry["state"], lp_state,
+                                                {"image": images[carry["i"] % 2]}, carry["acc"])
+        carry["i"] += 1
+        jax.block_until_ready(carry["acc"])
 
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    peak_mem = (stats or {}).get("peak_bytes_in_use")
-    step_s = statistics.median(times)
-    peak = _peak_flops(dev)
-    n_dev = mesh.size
-    return dict(
-        workload="vae_gan_step", config=config_spec, batch=batch, resolution=res,
-        dtype=config.dtype, steps=steps, device=getattr(dev, "device_kind", str(dev)),
-        num_devices=n_dev, jax=jax.__version__, python=platform.python_version(),
-        compile_s=compile_s, step_s_median=step_s, step_s_mean=total / steps,
-        images_per_s=batch / step_s, flops_per_step=flops,
-        tflops_per_s=flops / step_s / 1e12 if flops == flops else None,
-        mfu=(flops / step_s / (peak * n_dev)) if (peak and flops == flops) else None,
-        peak_memory_bytes=peak_mem, lpips=msg or "pretrained",
-        last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+    times, total = _time(run, steps, warmup)
+    m = jax.device_get(carry["acc"].compute())
+    return _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
+                   _cost_flops(compiled), mesh.size, batch, resolution=res,
+                   lpips=msg or "pretrained", last_loss=float(m["loss"]),
+                   nan_skipped=float(m["skipped"]))
+
+
+def _ldm_setup(config_spec: str, batch: int, overrides: dict):
+    import jax
+
+    from ldm_jax import config_lib, sharding
+    from ldm_jax.models.autoencoder import AutoencoderConfig
+
+    config = config_lib.load_config(config_spec)
+    config.global_batch_size = batch
+    config.eval_batch_size = batch
+    _apply_overrides(config, overrides)
+    mesh = sharding.make_mesh(config.mesh)
+    # The autoencoder is built with random weights (same FLOPs), so no path is needed.
+    ae_spec = dict(config_lib.vae_base_config().model.to_dict())
+    if config.space == "latent":
+        config_lib.validate_ldm_config(_with_path(config), num_devices=mesh.size)
+    else:
+        config_lib.validate_ldm_config(config, num_devices=mesh.size)
+    return config, mesh, AutoencoderConfig.from_dict(ae_spec), jax
+
+
+def _with_path(config):
+    c = config.copy_and_resolve_references()
+    c.autoencoder_path = c.autoencoder_path or "<random>"
+    return c
+
+
+def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from ldm_jax import sharding
+    from ldm_jax.trainers import ldm
+
+    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides)
+    shape = ldm.latent_shape(config, ae_cfg if config.space == "latent" else None)
+    tx, lr_fn = ldm.make_optimizer(config)
+    gd, state, state_sh = ldm.create_train_state(config, mesh, tx, shape[-1], 1.0)
+    models = ldm.Models(unet=gd, ae=None)
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    metrics_sh = jax.tree.map(lambda _: rep, ldm.TrainMetrics.empty())
+    step = jax.jit(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config)),
+                   in_shardings=(state_sh, None, batch_sh, metrics_sh),
+                   out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
+    rng = np.random.default_rng(0)
+    key = "image" if config.space == "pixel" else "moments"
+    width = shape[-1] if config.space == "pixel" else 2 * shape[-1]
+    batches = [{key: jax.device_put(rng.normal(size=(batch, *shape[:2], width)).astype(np.float32), batch_sh),
+                "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
+                                        batch_sh)} for _ in range(2)]
+    acc = jax.device_put(ldm.TrainMetrics.empty(), metrics_sh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, None, batches[0], acc).compile()
+    compile_s = time.perf_counter() - t0
+    carry = {"state": state, "acc": acc, "i": 0}
+
+    def run():
+        carry["state"], carry["acc"] = compiled(carry["state"], None, batches[carry["i"] % 2], carry["acc"])
+        carry["i"] += 1
+        jax.block_until_ready(carry["acc"])
+
+    times, total = _time(run, steps, warmup)
+    m = jax.device_get(carry["acc"].compute())
+    n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
+    return _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
+                   _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
+                   params=int(n_params), remat=bool(config.model.remat),
+                   last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+
+
+def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
+    """Time DDIM-N (config.sampling) + decode of ``batch`` images: one jitted call each."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from ldm_jax import sharding
+    from ldm_jax.models.autoencoder import AutoencoderKL
+    from ldm_jax.trainers import common, ldm
+
+    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides)
+    latent = config.space == "latent"
+    shape = ldm.latent_shape(config, ae_cfg if latent else None)
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    ae_gd = ae_state = None
+    if latent:
+        ae = jax.jit(lambda: nnx.split(AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
+                                                      rngs=nnx.Rngs(0)))[1], out_shardings=rep)
+        ae_gd = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
+                                                                  rngs=nnx.Rngs(0))))
+        ae_state = ae()
+    tx, _ = ldm.make_optimizer(config)
+    gd, state, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
+    models = ldm.Models(unet=gd, ae=ae_gd)
+    fn = jax.jit(ldm.make_sample_fn(models, config, ldm.make_schedule(config), (batch, *shape)),
+                 out_shardings=batch_sh)
+    labels = jax.device_put(np.arange(batch, dtype=np.int32) % max(config.model.num_classes, 1), batch_sh)
+    args = (state.ema_params, state.rest, ae_state, jax.random.PRNGKey(0), labels, state.scale_factor)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    out = {}
+
+    def run():
+        out["x"] = compiled(*args)
+        jax.block_until_ready(out["x"])
+
+    times, total = _time(run, steps, warmup)
+    x = np.asarray(jax.device_get(out["x"]))
+    s = config.sampling
+    return _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
+                   _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
+                   sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
+                   output_shape=list(x.shape), finite=bool(np.isfinite(x).all()),
+                   decoded=latent, note="random weights: timing only")
+
+
+WORKLOADS = {"vae": (bench_vae, "configs/vae_f8.py", 8, 20),
+             "unet": (bench_unet, "configs/ldm_f8.py", 64, 20),
+             "sample": (bench_sample, "configs/ldm_f8.py", 16, 3)}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=["vae"])
-    p.add_argument("--config", default="configs/vae_f8.py")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("workload", choices=sorted(WORKLOADS))
+    p.add_argument("--config", default=None, help="config file[:variant] (default per workload)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default per workload)")
+    p.add_argument("--steps", type=int, default=None, help="timed calls (default per workload)")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set dtype=float32 --set model.remat=true")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
-    result = bench_vae(a.config, a.batch, a.steps, a.warmup, overrides)
+    fn, config, batch, steps = WORKLOADS[a.workload]
+    result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -71,8 +71,11 @@ def _jsonable(d: Any) -> Any:
 
 
 def _int_keys(tree: Any) -> Any:
-    """Orbax stores list indices as strings; NNX pure dicts use ints."""
+    """A restored tree as an NNX pure dict: list indices (stored as strings) become ints and
+    ``{"value": array}`` nodes (``nnx.State`` Variables saved by the trainers) become arrays."""
     if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
         return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
     return tree
 
