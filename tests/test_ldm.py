@@ -77,14 +77,8 @@ def test_scale_factor_is_one_over_latent_std(trained, ae_dir):
     assert tr.latent_shape == (8, 8, 4) and tr.step == 4
 
 
-def test_fixed_scale_factor_is_used(ae_dir, tmp_path):
-    config = tiny(autoencoder_path=ae_dir, num_train_steps=1, **{"latent.scale_factor": 0.18215})
-    ldm.train_and_evaluate(config, str(tmp_path))
-    assert float(ldm.load_trained(str(tmp_path)).scale_factor) == pytest.approx(0.18215)
-
-
 def test_loss_decreases_on_a_fixed_batch(ae_dir):
-    """The step itself (no data pipeline): 60 steps on one batch lower the loss."""
+    """The step itself (no data pipeline): 40 steps on one batch lower the loss."""
     config = tiny(autoencoder_path=ae_dir, **{"optim.lr": 2e-3, "ema.decay": 0.9})
     mesh = sharding.make_mesh(config.mesh)
     ae_gd, ae_state, ae_cfg, _ = ldm.load_autoencoder(config)
@@ -97,38 +91,41 @@ def test_loss_decreases_on_a_fixed_batch(ae_dir):
     batch = sharding.global_batch({"image": x, "label": np.zeros(8, np.int32)},
                                   sharding.batch_sharding(mesh))
     losses = []
-    for _ in range(60):
+    for _ in range(40):
         state, acc = step(state, ae_state, batch, ldm.TrainMetrics.empty())
         losses.append(float(acc.compute()["loss"]))
     assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-15:])
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-10:])
 
 
-def test_resume_reproduces_uninterrupted_run(ae_dir, tmp_path):
-    full = ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir), str(tmp_path / "full"))
+def test_resume_reproduces_uninterrupted_run(trained, ae_dir, tmp_path):
+    full_dir, config, full = trained  # 4 uninterrupted steps
     part = str(tmp_path / "part")
-    first = ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, num_train_steps=2), part)
+    first = ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, num_train_steps=2, **{"model.num_classes": 9}), part)
     assert first["final_step"] == 2
-    second = ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir), part)
+    second = ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, **{"model.num_classes": 9}), part)
     assert second["start_step"] == 2
     for s in (3, 4):
         np.testing.assert_allclose(second["history"][s]["loss"], full["history"][s]["loss"], rtol=1e-5)
-    a, b = ldm.load_trained(str(tmp_path / "full")), ldm.load_trained(part)
+    a, b = ldm.load_trained(full_dir), ldm.load_trained(part)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-def test_latent_cache_is_built_and_used(ae_dir, tmp_path):
-    config = tiny(autoencoder_path=ae_dir, **{"latent.cache": True})
+def test_latent_cache_is_built_and_used_with_a_fixed_scale(ae_dir, tmp_path):
+    config = tiny(autoencoder_path=ae_dir, **{"latent.cache": True, "latent.scale_factor": 0.18215})
     result = ldm.train_and_evaluate(config, str(tmp_path))
     cache = os.path.join(str(tmp_path), "latent_cache", "process_0.npz")
     with np.load(cache) as f:
         # 7 embedded training photos, each also mirrored (data.random_flip).
         assert f["moments"].shape == (14, 8, 8, 8) and sorted(set(f["labels"].tolist())) == list(range(7))
     assert all(np.isfinite(m["loss"]) for m in result["history"].values())
+    assert float(ldm.load_trained(str(tmp_path)).scale_factor) == pytest.approx(0.18215)
     mtime = os.path.getmtime(cache)
-    ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, num_train_steps=6, **{"latent.cache": True}),
-                           str(tmp_path))
+    again = ldm.train_and_evaluate(
+        tiny(autoencoder_path=ae_dir, num_train_steps=6, **{"latent.cache": True, "latent.scale_factor": 0.18215}),
+        str(tmp_path))
+    assert again["start_step"] == 4 and again["final_step"] == 6
     assert os.path.getmtime(cache) == mtime  # reused, not rebuilt
 
 
