@@ -308,7 +308,7 @@ def _download(url: str, dest: str, sha256_prefix: str | None = None) -> str:
     """Fetch ``url`` to ``dest`` atomically; raises OSError (incl. URLError) on failure."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = f"{dest}.tmp-{socket.gethostname()}-{os.getpid()}"
-    log.info("LPIPS: downloading %s -> %s", url, dest)
+    log.info("downloading %s -> %s", url, dest)
     try:
         digest = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
