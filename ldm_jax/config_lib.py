@@ -26,6 +26,10 @@ def vae_base_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 8
     c.dtype = "bfloat16"  # activations; GroupNorm statistics, softmax and losses stay fp32
     c.param_dtype = "float32"
+    # Start the autoencoder from these weights (fine-tuning): a converted pretrained
+    # directory (python -m ldm_jax.convert autoencoder-import ...) or a VAE-GAN workdir.
+    # Used only when the workdir has no checkpoint yet; the discriminator starts fresh.
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict(
         dict(
@@ -286,6 +290,10 @@ def ldm_base_config() -> ml_collections.ConfigDict:
     # (`python -m ldm_jax.convert autoencoder-import ...`). Required for space="latent".
     c.autoencoder_path = ""
     c.image_resolution = 256  # images fed to the encoder (and decoded samples)
+    # Start the U-Net from these weights: a converted pretrained directory
+    # (python -m ldm_jax.convert unet-import ...) or an LDM workdir (its EMA weights).
+    # Used only when the workdir has no checkpoint yet.
+    c.init_from = ""
     c.latent = ml_collections.ConfigDict(dict(
         scale_factor=0.0,  # 0: 1/std of the first batch's latents (LDM scale_by_std); SD VAE: 0.18215
         sample_posterior=True,  # z ~ q(z|x) (CompVis) rather than its mean

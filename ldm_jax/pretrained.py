@@ -129,10 +129,7 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
     raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
 
 
-def fill_params(model: nnx.Module, pure: Any, where: str = "") -> nnx.Module:
-    """Put ``pure`` into ``model``'s Params, checking names and shapes first (one error listing
-    every missing, unexpected and mis-shaped entry)."""
-    state = nnx.state(model, nnx.Param)
+def _check_fits(state: nnx.State, pure: Any, where: str) -> None:
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
     have = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in
@@ -148,11 +145,30 @@ def fill_params(model: nnx.Module, pure: Any, where: str = "") -> nnx.Module:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
                              + (" ..." if len(items) > 20 else ""))
         raise PretrainedError("\n".join(parts))
+
+
+def fill_params(model: nnx.Module, pure: Any, where: str = "") -> nnx.Module:
+    """Put ``pure`` into ``model``'s Params, checking names and shapes first (one error listing
+    every missing, unexpected and mis-shaped entry)."""
+    state = nnx.state(model, nnx.Param)
+    _check_fits(state, pure, where)
     dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(state))
     cast = jax.tree.map(lambda v, d: jnp.asarray(v, d), _int_keys(pure), dtypes)
     nnx.replace_by_pure_dict(state, cast)
     nnx.update(model, state)
     return model
+
+
+def params_like(target: nnx.State, pure: Any, where: str = "") -> nnx.State:
+    """``pure`` as a State shaped, typed and sharded like ``target`` (a train state's Params),
+    after the same name/shape check as ``fill_params``."""
+    pure = _int_keys(pure)
+    _check_fits(target, pure, where)
+    out = jax.tree.map(lambda x: x, target)
+    leaves = jax.tree.map(lambda t, v: jax.device_put(np.asarray(v, t.dtype), t.sharding),
+                          nnx.to_pure_dict(target), pure)
+    nnx.replace_by_pure_dict(out, leaves)
+    return out
 
 
 def load_autoencoder(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):

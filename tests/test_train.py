@@ -234,3 +234,32 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint at step {saved}" in resumed.stderr
     assert Checkpointer(workdir).latest_step() == saved + 1
+
+
+def test_init_from_pretrained_autoencoder(tmp_path):
+    """config.init_from starts the autoencoder from a converted/pretrained directory (the
+    fine-tuning path); weights of another architecture fail with the list of mismatches."""
+    from ldm_jax import pretrained
+    from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    config = tiny_config(num_train_steps=1, **{"optim.base_lr": 1e-12})
+    ae = AutoencoderKL(AutoencoderConfig.from_dict(config.model), rngs=nnx.Rngs(123))
+    src = str(tmp_path / "pre")
+    pretrained.save_pretrained(src, "autoencoder", config.model.to_dict(), nnx.state(ae, nnx.Param))
+    config.init_from = src
+    vae_gan.train_and_evaluate(config, str(tmp_path / "run"))
+    restored, _ = _restore_state(str(tmp_path / "run"), config)
+    want = nnx.to_pure_dict(nnx.state(ae, nnx.Param))
+    got = restored["gen_params"]["ae"]
+    got = got.to_pure_dict() if hasattr(got, "to_pure_dict") else nnx.to_pure_dict(got)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+    other = tiny_config(num_train_steps=1)
+    other.model.ch = 64
+    ae64 = AutoencoderKL(AutoencoderConfig.from_dict(other.model), rngs=nnx.Rngs(0))
+    pretrained.save_pretrained(str(tmp_path / "pre64"), "autoencoder", other.model.to_dict(),
+                               nnx.state(ae64, nnx.Param))
+    config.init_from = str(tmp_path / "pre64")
+    with pytest.raises(pretrained.PretrainedError, match="shape mismatch"):
+        vae_gan.train_and_evaluate(config, str(tmp_path / "run64"))

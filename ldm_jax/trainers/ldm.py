@@ -401,7 +401,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_once(f"U-Net {param_count(state.params) / 1e6:.2f}M params on {shape} "
              f"({config.space}); mesh {dict(mesh.shape)}; lr {config.optim.lr:g}")
 
-    # ---- checkpoint restore -------------------------------------------------------------------
+    # ---- checkpoint restore (or initial weights) ----------------------------------------------
+    if latest is None and config.init_from:
+        _, pure, where = pretrained.load_params(os.path.expanduser(config.init_from), "unet")
+        params = pretrained.params_like(state.params, pure, where)
+        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        log_once(f"U-Net initialised from {where}")
     if latest is not None:
         restored, meta = ckpt.restore(
             latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)

@@ -32,7 +32,7 @@ from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from ldm_jax import checkpointing, config_lib, data, losses, metrics, sharding
+from ldm_jax import checkpointing, config_lib, data, losses, metrics, pretrained, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
@@ -308,9 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         num_images=config.num_eval_images)
     batch_sh = sharding.batch_sharding(mesh)
 
-    # ---- checkpoint restore --------------------------------------------------------------
+    # ---- checkpoint restore (or initial weights) -------------------------------------------
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     latest = ckpt.latest_step()
+    if latest is None and config.init_from:
+        _, pure, where = pretrained.load_params(os.path.expanduser(config.init_from), "autoencoder")
+        ae = pretrained.params_like(state.gen_params["ae"], pure, where)
+        state = state.replace(gen_params={**state.gen_params, "ae": ae})
+        _log_once(f"autoencoder initialised from {where}")
     if latest is not None:
         restored, meta = ckpt.restore(
             latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
