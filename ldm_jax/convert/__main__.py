@@ -4,6 +4,8 @@ Commands::
 
     autoencoder-import  PyTorch KL autoencoder (diffusers dir / .safetensors / SD .ckpt) -> pretrained dir
     autoencoder-export  pretrained dir or VAE-GAN workdir -> diffusers dir or CompVis weights
+    unet-import         PyTorch U-Net (diffusers UNet2DModel dir / CompVis LDM .ckpt) -> pretrained dir
+    unet-export         pretrained dir or LDM workdir (EMA) -> diffusers dir or CompVis weights
     lpips               torchvision VGG16 + LPIPS heads -> .npz (= python -m ldm_jax.convert.lpips_weights)
 
 Adding a command is one decorated function::
@@ -133,6 +135,98 @@ def autoencoder_export(args: argparse.Namespace) -> int:
     else:
         aw.export_compvis(params, cfg, args.out, prefix=aw.SD_PREFIX if args.prefix else "")
         print(f"wrote {args.out} from {where}: CompVis-named weights")
+    return 0
+
+
+# ----------------------------------------------------------------------------- unet
+
+
+@command(
+    "unet-import",
+    "PyTorch diffusion U-Net (diffusers UNet2DModel or CompVis openaimodel) -> ldm_jax "
+    "pretrained directory",
+    arg("--src", required=True,
+        help="diffusers UNet2DModel folder (or a pipeline folder with unet/), .safetensors, or "
+             ".ckpt/.pth/.bin (LDM checkpoints: model.diffusion_model.* is used)"),
+    arg("--out", required=True, help="pretrained directory to write"),
+    arg("--layout", default="auto", choices=("auto", "compvis", "diffusers"),
+        help="key naming of --src (default: detected)"),
+    arg("--config", default=None,
+        help="architecture: a diffusers config.json, a CompVis LDM .yaml (model.params."
+             "unet_config), or an ldm_jax pretrained.json (default: the folder's own "
+             "config.json, else inferred from the weights plus --num-head-channels/--num-heads)"),
+    arg("--ema", action="store_true",
+        help="LDM .ckpt: read the EMA copy (model_ema.*) instead of model.diffusion_model.*"),
+    arg("--attention-order", default=None, choices=("legacy", "new"),
+        help="CompVis fused qkv order (default: the CompVis config's use_new_attention_order, "
+             "else legacy = QKVAttentionLegacy)"),
+    arg("--num-head-channels", type=int, default=None,
+        help="channels per attention head, when no --config says it"),
+    arg("--num-heads", type=int, default=None,
+        help="attention heads per block, when no --config says it"),
+    arg("--norm-groups", type=int, default=32,
+        help="GroupNorm groups, when no --config says it (CompVis: always 32)"),
+)
+def unet_import(args: argparse.Namespace) -> int:
+    from ldm_jax.convert import autoencoder_weights as aw
+    from ldm_jax.convert import unet_weights as uw
+    from ldm_jax.pretrained import save_pretrained
+
+    cfg, params, meta = uw.import_unet(
+        args.src, args.layout, config=args.config, use_ema=args.ema,
+        attention_order=args.attention_order, num_head_channels=args.num_head_channels,
+        num_heads=args.num_heads, norm_groups=args.norm_groups)
+    extra = {k: meta[k] for k in ("layout", "sample_size", "attention_order", "ema") if k in meta}
+    save_pretrained(args.out, "unet", uw.config_dict(cfg), params,
+                    source=f"{meta['layout']}: {meta['source']}", extra=extra)
+    n = sum(int(v.size) for v in aw._flatten(params).values())
+    print(f"wrote {args.out}: UNet ({meta['layout']} layout{', EMA' if args.ema else ''}, "
+          f"{n:,} parameters)")
+    print(f"  config: {json.dumps(uw.config_dict(cfg))}")
+    if cfg.num_classes is not None:
+        print(f"  class-conditional: {cfg.num_classes} labels + row {cfg.num_classes} used as the "
+              "NULL class (pass labels explicitly if the source model had no null class)")
+    return 0
+
+
+@command(
+    "unet-export",
+    "ldm_jax U-Net (pretrained dir or LDM workdir) -> diffusers UNet2DModel folder or CompVis "
+    "openaimodel weights",
+    arg("--src", required=True, help="pretrained directory or LDM training workdir"),
+    arg("--format", required=True, choices=("diffusers", "compvis")),
+    arg("--out", required=True,
+        help="diffusers: output folder; compvis: .safetensors (or .ckpt/.pth, needs torch)"),
+    arg("--raw", action="store_true",
+        help="LDM workdir: export the raw training weights instead of the EMA weights"),
+    arg("--prefix", action="store_true",
+        help="compvis: name keys model.diffusion_model.* as in LDM checkpoints"),
+    arg("--attention-order", default="legacy", choices=("legacy", "new"),
+        help="compvis: fused qkv order (legacy = QKVAttentionLegacy, openaimodel's default)"),
+    arg("--sample-size", type=int, default=None,
+        help="diffusers config sample_size (default: the imported one, else unset)"),
+)
+def unet_export(args: argparse.Namespace) -> int:
+    from ldm_jax.convert import unet_weights as uw
+    from ldm_jax.pretrained import load_params
+
+    cfg_dict, params, where = load_params(args.src, "unet", use_ema=not args.raw)
+    cfg = uw.config_for_params(cfg_dict, params)
+    if args.format == "diffusers":
+        meta = {}
+        meta_file = os.path.join(args.src, "pretrained.json")
+        if os.path.isfile(meta_file):
+            with open(meta_file) as f:
+                meta = json.load(f)
+        size = args.sample_size or meta.get("sample_size")
+        uw.export_diffusers(params, cfg, args.out, sample_size=size)
+        print(f"wrote {args.out} from {where}: diffusers UNet2DModel (sample_size {size}); load "
+              "with diffusers.UNet2DModel.from_pretrained")
+    else:
+        uw.export_compvis(params, cfg, args.out, prefix=uw.LDM_PREFIX if args.prefix else "",
+                          attention_order=args.attention_order)
+        print(f"wrote {args.out} from {where}: CompVis openaimodel-named weights "
+              f"({args.attention_order} qkv order)")
     return 0
 
 
