@@ -3,12 +3,23 @@
   python -m ldm_jax.bench vae    [--config=configs/vae_f8.py] [--batch=8]  [--steps=20] [--out=bench.json]
   python -m ldm_jax.bench unet   [--config=configs/ldm_f8.py] [--batch=64] [--steps=20]
   python -m ldm_jax.bench sample [--config=configs/ldm_f8.py] [--batch=16] [--steps=3]  (DDIM-50 + decode)
+  python -m ldm_jax.bench unet --flops-only   # analytic FLOPs only: abstract inputs, nothing runs
 
 Compiles once (timed), warms up, then times ``--steps`` steps with a device sync at the
-end, and reports images/s, step time, compile time, peak device memory, XLA's FLOP
-count per step and MFU against a table of bf16 peaks. Inputs are random images already
-on the device, so the number is the step's own speed, not the input pipeline's. LPIPS
-uses random VGG weights when the real ones are absent: the same FLOPs.
+end, and reports images/s, step time, compile time, peak device memory, FLOPs per step
+and MFU against a table of bf16 peaks. Inputs are random images already on the device, so
+the number is the step's own speed, not the input pipeline's. LPIPS uses random VGG
+weights when the real ones are absent: the same FLOPs.
+
+``flops_per_step`` is the analytic count of ``ldm_jax.flops`` over the step's jaxpr, for
+the whole step on all devices (dot_general + conv_general_dilated, 2 FLOPs per
+multiply-accumulate, conv taps on zero padding included, loops multiplied out: the
+sampler's 50 U-Net calls are all counted, rematerialised forwards too); ``mfu`` divides it
+by step time x peak x devices. ``flops_breakdown`` splits it into matmul / attention / conv,
+adds ``conv_valid`` (convs without the padding taps: XLA's cost-analysis convention) and
+elementwise work (neither is in the MFU). XLA's own ``cost_analysis()`` figure stays as
+``xla_cost_analysis_flops``: on GPU it misses the convolutions (cuDNN custom calls), so it
+is far too low there, and under SPMD it is per device.
 """
 
 from __future__ import annotations
@@ -49,11 +60,62 @@ def _apply_overrides(config, overrides: dict) -> None:
             node[last] = type(cur)(v)
 
 
+FLOPS_SOURCE = ("analytic: ldm_jax.flops over the step's jaxpr (dot_general + "
+                "conv_general_dilated, 2 per MAC, conv padding taps included, loops x trip "
+                "count, remat recompute included, elementwise excluded; all devices)")
+
+
 def _cost_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", float("nan")))
+
+
+_COUNTED_KEYS = ("model_flops", "matmul", "attention", "conv", "conv_valid", "elementwise",
+                 "unknown_trip_count_loops", "notes")
+
+
+def _analytic_flops(fn, *args, strict: bool = False) -> dict:
+    """Analytic FLOP count of ``fn(*args)`` (args may be abstract); see ldm_jax.flops.
+
+    Unless ``strict``, a failure of the counter does not stop a timing run: the result says
+    so (``failed``) and the report falls back to XLA's figure.
+    """
+    from ldm_jax import flops
+
+    try:
+        c = flops.count_flops(fn, *args)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        print(f"warning: analytic FLOP count failed ({type(e).__name__}: {e}); "
+              "reporting XLA's cost analysis instead", file=sys.stderr)
+        return dict({k: None for k in _COUNTED_KEYS}, notes=[f"{type(e).__name__}: {e}"],
+                    failed=True)
+    return {k: c[k] for k in _COUNTED_KEYS}
+
+
+def _abstract(tree, sharding=None):
+    """ShapeDtypeStructs of a pytree of arrays (keeping each array's sharding)."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)
+
+
+def _flops_only(workload: str, config_spec: str, config, batch: int, n_dev: int,
+                counted: dict, **extra) -> dict:
+    import jax
+
+    return dict(workload=workload, config=config_spec, batch=batch, dtype=config.dtype,
+                num_devices=n_dev, jax=jax.__version__, flops_per_step=counted["model_flops"],
+                flops_source=FLOPS_SOURCE, flops_breakdown=_breakdown(counted), **extra)
+
+
+def _breakdown(counted: dict) -> dict:
+    return {k: counted[k] for k in ("matmul", "attention", "conv", "conv_valid", "elementwise",
+                                    "unknown_trip_count_loops", "notes")}
 
 
 def _time(run, steps: int, warmup: int) -> tuple[list[float], float]:
@@ -70,25 +132,34 @@ def _time(run, steps: int, warmup: int) -> tuple[list[float], float]:
 
 
 def _report(workload: str, config_spec: str, config, batch: int, steps: int, times, total,
-            compile_s: float, flops: float, n_dev: int, images_per_call: int, **extra) -> dict:
+            compile_s: float, counted: dict, xla_flops: float, n_dev: int,
+            images_per_call: int, **extra) -> dict:
     import jax
 
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     step_s = statistics.median(times)
     peak = _peak_flops(dev)
+    if counted.get("failed"):
+        flops, source = xla_flops, "xla_cost_analysis (analytic count failed; see flops_breakdown)"
+    else:
+        flops, source = float(counted["model_flops"]), FLOPS_SOURCE
     return dict(
         workload=workload, config=config_spec, batch=batch, dtype=config.dtype, steps=steps,
         device=getattr(dev, "device_kind", str(dev)), num_devices=n_dev, jax=jax.__version__,
         python=platform.python_version(), compile_s=compile_s, step_s_median=step_s,
-        step_s_mean=total / steps, images_per_s=images_per_call / step_s, flops_per_step=flops,
+        step_s_mean=total / steps, images_per_s=images_per_call / step_s,
+        flops_per_step=flops if flops == flops else None,
         tflops_per_s=flops / step_s / 1e12 if flops == flops else None,
         mfu=(flops / step_s / (peak * n_dev)) if (peak and flops == flops) else None,
-        peak_bf16_flops_per_device=peak,
+        peak_bf16_flops_per_device=peak, flops_source=source,
+        flops_breakdown=_breakdown(counted),
+        xla_cost_analysis_flops=xla_flops if xla_flops == xla_flops else None,
         peak_memory_bytes=(stats or {}).get("peak_bytes_in_use"), **extra)
 
 
-def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
+def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
+              flops_only: bool = False) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -103,21 +174,43 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     config.loss.lpips_missing = "random"
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
-    lp, msg = create_lpips(config.loss.lpips_weights or None, missing="random",
-                           dtype=common.dtype(config.dtype), rngs=nnx.Rngs(0))
-    lp_gd, lp_state = nnx.split(lp)
-    lp_state = jax.device_put(lp_state, sharding.replicated(mesh))
+    rep = sharding.replicated(mesh)
+    made = {}
+
+    def make_lpips():
+        lp, made["msg"] = create_lpips(config.loss.lpips_weights or None, missing="random",
+                                       dtype=common.dtype(config.dtype), rngs=nnx.Rngs(0))
+        return lp
+
     gen_lr, disc_lr = vae_gan.learning_rates(config)
     gen_tx, disc_tx = vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config)
-    (ae_gd, d_gd), state, state_sh = vae_gan.create_train_state(config, mesh, gen_tx, disc_tx)
+
+    def make_state():
+        made["gd"], st, made["sh"] = vae_gan.create_train_state(config, mesh, gen_tx, disc_tx)
+        return st
+
+    if flops_only:  # shapes only: nothing is initialised
+        lp_gd, lp_state = nnx.split(nnx.eval_shape(make_lpips))
+        lp_state = _abstract(lp_state, rep)
+        state = jax.eval_shape(make_state)
+    else:
+        lp_gd, lp_state = nnx.split(make_lpips())
+        lp_state = jax.device_put(lp_state, rep)
+        state = make_state()
+    msg, (ae_gd, d_gd), state_sh = made["msg"], made["gd"], made["sh"]
     models = vae_gan.Models(ae=ae_gd, disc=d_gd, lpips=lp_gd)
-    rep = sharding.replicated(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, vae_gan.TrainMetrics.empty())
     batch_sh = sharding.batch_sharding(mesh)
     step = jax.jit(vae_gan.make_train_step(models, config, gen_tx, disc_tx),
                    in_shardings=(state_sh, rep, batch_sh, metrics_sh),
                    out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
     res = config.model.resolution
+    if flops_only:
+        image = jax.ShapeDtypeStruct((batch, res, res, 3), np.float32, sharding=batch_sh)
+        acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
+        counted = _analytic_flops(step, state, lp_state, {"image": image}, acc, strict=True)
+        return _flops_only("vae_gan_step", config_spec, config, batch, mesh.size, counted,
+                           resolution=res)
     rng = np.random.default_rng(0)
     images = [jax.device_put(rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), batch_sh)
               for _ in range(2)]
@@ -125,6 +218,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     # Disc on, so the full generator + discriminator work is timed.
     state = state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep))
 
+    counted = _analytic_flops(step, state, lp_state, {"image": images[0]}, acc)
     t0 = time.perf_counter()
     compiled = step.lower(state, lp_state, {"image": images[0]}, acc).compile()
     compile_s = time.perf_counter() - t0
@@ -139,7 +233,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     times, total = _time(run, steps, warmup)
     m = jax.device_get(carry["acc"].compute())
     return _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
-                   _cost_flops(compiled), mesh.size, batch, resolution=res,
+                   counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
                    lpips=msg or "pretrained", last_loss=float(m["loss"]),
                    nan_skipped=float(m["skipped"]))
 
@@ -170,7 +264,8 @@ def _with_path(config):
     return c
 
 
-def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
+def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
+               flops_only: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -180,20 +275,37 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides)
     shape = ldm.latent_shape(config, ae_cfg if config.space == "latent" else None)
     tx, lr_fn = ldm.make_optimizer(config)
-    gd, state, state_sh = ldm.create_train_state(config, mesh, tx, shape[-1], 1.0)
+    made = {}
+
+    def make_state():
+        made["gd"], st, made["sh"] = ldm.create_train_state(config, mesh, tx, shape[-1], 1.0)
+        return st
+
+    state = jax.eval_shape(make_state) if flops_only else make_state()
+    gd, state_sh = made["gd"], made["sh"]
     models = ldm.Models(unet=gd, ae=None)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, ldm.TrainMetrics.empty())
     step = jax.jit(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config)),
                    in_shardings=(state_sh, None, batch_sh, metrics_sh),
                    out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
-    rng = np.random.default_rng(0)
     key = "image" if config.space == "pixel" else "moments"
     width = shape[-1] if config.space == "pixel" else 2 * shape[-1]
+    if flops_only:
+        b = {key: jax.ShapeDtypeStruct((batch, *shape[:2], width), np.float32, sharding=batch_sh),
+             "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh)}
+        counted = _analytic_flops(step, state, None, b, _abstract(ldm.TrainMetrics.empty(), rep),
+                                 strict=True)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        return _flops_only("unet_step", config_spec, config, batch, mesh.size, counted,
+                           input_shape=list(shape), params=int(n_params),
+                           remat=bool(config.model.remat))
+    rng = np.random.default_rng(0)
     batches = [{key: jax.device_put(rng.normal(size=(batch, *shape[:2], width)).astype(np.float32), batch_sh),
                 "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
                                         batch_sh)} for _ in range(2)]
     acc = jax.device_put(ldm.TrainMetrics.empty(), metrics_sh)
+    counted = _analytic_flops(step, state, None, batches[0], acc)
     t0 = time.perf_counter()
     compiled = step.lower(state, None, batches[0], acc).compile()
     compile_s = time.perf_counter() - t0
@@ -208,12 +320,13 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     m = jax.device_get(carry["acc"].compute())
     n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
     return _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
-                   _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
+                   counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
                    params=int(n_params), remat=bool(config.model.remat),
                    last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
 
 
-def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict) -> dict:
+def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
+                 flops_only: bool = False) -> dict:
     """Time DDIM-N (config.sampling) + decode of ``batch`` images: one jitted call each."""
     import jax
     import numpy as np
@@ -233,14 +346,28 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
                                                       rngs=nnx.Rngs(0)))[1], out_shardings=rep)
         ae_gd = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
                                                                   rngs=nnx.Rngs(0))))
-        ae_state = ae()
+        ae_state = jax.eval_shape(ae) if flops_only else ae()
     tx, _ = ldm.make_optimizer(config)
-    gd, state, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
+    made = {}
+
+    def make_state():
+        made["gd"], st, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
+        return st
+
+    state = jax.eval_shape(make_state) if flops_only else make_state()
+    gd = made["gd"]
     models = ldm.Models(unet=gd, ae=ae_gd)
     fn = jax.jit(ldm.make_sample_fn(models, config, ldm.make_schedule(config), (batch, *shape)),
                  out_shardings=batch_sh)
     labels = jax.device_put(np.arange(batch, dtype=np.int32) % max(config.model.num_classes, 1), batch_sh)
     args = (state.ema_params, state.rest, ae_state, jax.random.PRNGKey(0), labels, state.scale_factor)
+    # The whole chain: the sampler's fori_loop is a scan of num_steps U-Net calls.
+    counted = _analytic_flops(fn, *args, strict=flops_only)
+    s = config.sampling
+    if flops_only:
+        return _flops_only("sample_" + s.sampler, config_spec, config, batch, mesh.size, counted,
+                           sampler=s.sampler, sampler_steps=int(s.num_steps),
+                           cfg_scale=float(s.cfg_scale), decoded=latent)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -252,9 +379,8 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
 
     times, total = _time(run, steps, warmup)
     x = np.asarray(jax.device_get(out["x"]))
-    s = config.sampling
     return _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
-                   _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
+                   counted, _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
                    sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
                    output_shape=list(x.shape), finite=bool(np.isfinite(x).all()),
                    decoded=latent, note="random weights: timing only")
@@ -275,10 +401,14 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set dtype=float32 --set model.remat=true")
     p.add_argument("--out", default=None, help="write the JSON result here too")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only trace with abstract inputs and report the analytic FLOPs per step "
+                        "(no initialisation, compilation or timing)")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     fn, config, batch, steps = WORKLOADS[a.workload]
-    result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides)
+    result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
+                flops_only=a.flops_only)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -622,17 +622,18 @@ def read_diffusers_config(path: str) -> dict | None:
         return json.load(f)
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_torch_file(path: str | os.PathLike, *, find_dir=None, subfolder: str = "vae") -> dict[str, np.ndarray]:
     """State dict ``{key: np.ndarray}`` from a ``.safetensors``, a torch ``.ckpt/.pth/.pt/.bin``
     (read without torch; a ``state_dict`` wrapper is unwrapped) or a diffusers model
-    directory (``config.json`` + ``diffusion_pytorch_model.safetensors`` / ``.bin``)."""
+    directory (``config.json`` + ``diffusion_pytorch_model.safetensors`` / ``.bin``), found
+    by ``find_dir`` (default: the autoencoder's, a pipeline's ``vae/`` included)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        d = diffusers_dir(path)
+        d = (find_dir or diffusers_dir)(path)
         if d is None:
             raise FileNotFoundError(
                 f"{path} is a directory but not a diffusers model folder (config.json + one of "
-                f"{', '.join(DIFFUSERS_WEIGHT_FILES)}), nor a pipeline with such a vae/ folder")
+                f"{', '.join(DIFFUSERS_WEIGHT_FILES)}), nor a pipeline with such a {subfolder}/ folder")
         path = next(os.path.join(d, f) for f in DIFFUSERS_WEIGHT_FILES
                     if os.path.isfile(os.path.join(d, f)))
     if not os.path.isfile(path):

@@ -837,22 +837,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 def load_unet_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """State dict from a diffusers U-Net folder (or pipeline folder with ``unet/``), a
     ``.safetensors`` or a torch ``.ckpt/.pth/.pt/.bin`` (read without torch)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        d = _diffusers_unet_dir(path)
-        if d is None:
-            raise FileNotFoundError(
-                f"{path} is a directory but not a diffusers model folder (config.json + one of "
-                f"{', '.join(DIFFUSERS_WEIGHT_FILES)}), nor a pipeline with such a unet/ folder")
-        path = next(os.path.join(d, f) for f in DIFFUSERS_WEIGHT_FILES
-                    if os.path.isfile(os.path.join(d, f)))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.endswith(".safetensors"):
-        return _load_safetensors(path)
-    from ldm_jax.convert.torch_pickle import load_torch_state_dict
-
-    return aw._unwrap(load_torch_state_dict(path))
+    return aw.load_torch_file(path, find_dir=_diffusers_unet_dir, subfolder="unet")
 
 
 def import_unet(

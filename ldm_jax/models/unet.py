@@ -95,7 +95,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.models.layers import GroupNorm, conv
+from ldm_jax.models.layers import GroupNorm, Upsample, conv
 
 Dtype = Any
 
@@ -341,17 +341,6 @@ class Downsample(nnx.Module):
                          param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
-
-
-class Upsample(nnx.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
-
-    def __init__(self, ch: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = conv(ch, ch, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)
 
 
