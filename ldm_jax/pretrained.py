@@ -81,7 +81,7 @@ def _int_keys(tree: Any) -> Any:
 
 
 def _restore_tree(path: str) -> Any:
-    return _int_keys(ocp.StandardCheckpointer().restore(path))
+    return _int_keys(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
 
 
 def _latest_step_dir(workdir: str) -> str:

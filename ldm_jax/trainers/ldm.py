@@ -535,6 +535,10 @@ def load_trained(workdir: str, *, use_ema: bool = True, dtype_name: str | None =
         config.dtype = dtype_name
     ae_gd = ae_state = ae_cfg = None
     if config.space == "latent":
+        latent_json = os.path.join(workdir, "latent.json")
+        if not os.path.exists(os.path.expanduser(config.autoencoder_path)) and os.path.isfile(latent_json):
+            with open(latent_json) as f:  # the absolute path recorded at training time
+                config.autoencoder_path = json.load(f)["autoencoder_path"] or config.autoencoder_path
         ae_gd, ae_state, ae_cfg, _ = load_autoencoder(config)
     shape = latent_shape(config, ae_cfg)
     unet = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
