@@ -20,7 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: work
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0 for multi-process runs without a cluster environment "
-    "(TPU pods and SLURM are detected automatically).")
+    "(TPU pods, SLURM srun steps and Open MPI are detected automatically; see "
+    "ldm_jax/distributed.py).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config"])
@@ -36,6 +37,8 @@ def main(argv):
     from ldm_jax import distributed
 
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.process_index() != 0:  # one log for the whole job: other processes only warn/err
+        logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     if config.trainer == "vae_gan":

@@ -1,11 +1,17 @@
 """Orbax checkpoints of the whole training state plus the grain iterator position.
 
 Layout: ``workdir/checkpoints/<step>/{state,data,meta}``. ``state`` is the train-state
-pytree (models, optimizer states, step, RNG), ``data`` the per-process grain iterator
-state, ``meta`` a small JSON record (config name, step, wall time). Orbax writes into a
-temporary directory and renames it when complete, so a run killed mid-save leaves the
-previous checkpoint intact. Restores are onto the abstract target's shardings, i.e. onto
-the mesh of the run that restores.
+pytree (models, optimizer states, step, RNG), ``data`` the grain iterator state (one file
+per process, ``process_<i>-of-<P>.json``), ``meta`` a small JSON record (config name,
+step, wall time, and ``data_state``: the iterator state again when it does not depend on
+the process, as for ``data.TrainIterator``). Orbax writes into a temporary directory and
+renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+Every process takes part in ``save`` and ``restore`` (orbax coordinates them; arrays are
+written shard by shard by the processes that hold them). Restores are onto the abstract
+target's shardings, i.e. onto the mesh of the run that restores, whatever mesh shape or
+process count wrote the checkpoint. The data iterator is restored from its own file when
+the checkpoint was written with the current process count, else from ``meta["data_state"]``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from ldm_jax.data.pipeline import TrainIterator
 
 log = logging.getLogger("ldm_jax")
 
@@ -35,6 +43,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
+        """Save from every process (each writes its shards and its iterator file)."""
+        meta = dict(meta, process_count=jax.process_count())
+        if _process_independent(data_iterator):
+            meta["data_state"] = data_iterator.get_state()
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -42,16 +54,45 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict]:
-        """Restore ``step`` onto ``abstract_state``'s shardings; resets ``data_iterator`` in place."""
+        """Restore ``step`` onto ``abstract_state``'s shardings; resets ``data_iterator`` in place.
+
+        Works across mesh shapes and process counts. The iterator comes from this process's
+        grain file if the checkpoint has one for the current process count, otherwise from
+        ``meta["data_state"]`` (process-independent iterators only)."""
+        step = int(step)
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        if data_iterator is not None:
+        from_file = data_iterator is not None and os.path.isfile(self._data_file(step))
+        if from_file:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
-        return restored["state"], dict(restored["meta"])
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = dict(restored["meta"])
+        if data_iterator is not None and not from_file:
+            saved_by = meta.get("process_count", "?")
+            if "data_state" in meta and _process_independent(data_iterator):
+                data_iterator.set_state(meta["data_state"])
+                if jax.process_index() == 0:
+                    log.warning("checkpoint %d was written by %s process(es), this run has %d: data "
+                                "stream continues at element %d of the global stream",
+                                step, saved_by, jax.process_count(), int(meta["data_state"]["consumed"]))
+            else:
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} has no data iterator state for "
+                    f"{jax.process_count()} process(es) (written by {saved_by}), and this data "
+                    "iterator's state is per process; resume with the original process count.")
+        return restored["state"], meta
+
+    def _data_file(self, step: int) -> str:
+        return os.path.join(self.directory, str(step), "data",
+                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _process_independent(data_iterator: Any) -> bool:
+    """Whether the iterator's state means the same in every process and process count."""
+    return isinstance(data_iterator, TrainIterator)
 
 
 class PreemptionFlag:

@@ -42,14 +42,22 @@ def _id_of(img: np.ndarray) -> int:
     return r
 
 
-def _make_folder(root, n: int, *, size=(48, 40)) -> list[str]:
-    """n solid-colour PNGs in nested folders; returns the relative paths."""
+def _make_folder(root, n: int, *, size=(48, 40), textured: bool = False) -> list[str]:
+    """n PNGs in nested folders; returns the relative paths. The red channel is a solid
+    per-image colour (``_id_of``); ``textured`` fills green and blue with noise so that
+    different crops and flips of an image differ."""
     rels = []
+    rng = np.random.default_rng(n)
     for i in range(n):
         sub = f"class_{i % 3}"
         os.makedirs(os.path.join(root, sub), exist_ok=True)
         rel = f"{sub}/img_{i:03d}.png"
-        Image.new("RGB", size, _colour(i)).save(os.path.join(root, rel))
+        img = Image.new("RGB", size, _colour(i))
+        if textured:
+            a = np.asarray(img).copy()
+            a[..., 1:] = rng.integers(0, 256, (size[1], size[0], 2), dtype=np.uint8)
+            img = Image.fromarray(a)
+        img.save(os.path.join(root, rel))
         rels.append(rel)
     return rels
 
@@ -185,23 +193,75 @@ def test_to_rgb_modes():
 # Sharding across (faked) processes.
 
 
-def test_process_shards_are_disjoint(tmp_path, fake_processes):
-    rels = _make_folder(tmp_path, 40)
-    train_ids = {i for i, r in enumerate(rels) if not sources.in_holdout(r, 0.3)}
-    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=0.3)
-    seen = []
-    for index in range(2):
-        fake_processes(index, 2)
-        it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=3)
-        ids = set()
-        for _ in range(8):  # local batch 4, shard ~13 images: several epochs
-            x = next(it)["image"]
-            assert x.shape == (4, RES, RES, 3)
-            ids |= {_id_of(img) for img in x}
-        seen.append(ids)
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] <= train_ids
-    assert len(seen[0] | seen[1]) == 2 * (len(train_ids) // 2)  # every record of each shard
+def _global_batches(cfg, count: int, k: int, fake_processes, *, seed=3, g=8, state=None):
+    """``k`` global batches assembled from ``count`` faked processes (slices concatenated)."""
+    per = []
+    for index in range(count):
+        fake_processes(index, count)
+        it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=g, seed=seed)
+        if state is not None:
+            it.set_state(state)
+        per.append([next(it) for _ in range(k)])
+        it.close()
+    fake_processes(0, 1)
+    return [{key: np.concatenate([per[p][i][key] for p in range(count)]) for key in ("image", "label")}
+            for i in range(k)]
+
+
+def test_global_stream_is_independent_of_process_count(tmp_path, fake_processes):
+    """The training stream is defined globally (issue "Scale-out"; before it, each process
+    shuffled its own contiguous shard of the source, so the data order depended on the
+    process count and processes never shared a record). Now: a seeded per-epoch shuffle of
+    the whole source, global batches of G consecutive elements, process p of P takes
+    elements [p*G/P, (p+1)*G/P) of each. So the P-process slices of a global batch are
+    disjoint and concatenate to exactly the 1-process batch (same records, crops, flips,
+    labels) for any P; each epoch visits every readable record; a corrupt record's
+    position is filled by the next readable position, the same for every P."""
+    transforms._reset_for_tests()
+    _make_folder(tmp_path, 21, textured=True)
+    (tmp_path / "class_0" / "zz_corrupt.png").write_bytes(b"not a png")
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=1e-9)  # all files train
+    n = len(sources.FolderSource(str(tmp_path), "train", 1e-9))
+    assert n == 22
+    ref = _global_batches(cfg, 1, 6, fake_processes)  # 48 elements: > 2 epochs
+    for count in (2, 4, 8):
+        got = _global_batches(cfg, count, 6, fake_processes)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+    ids = [_id_of(img) for b in ref for img in b["image"]]
+    for epoch in range(2):  # every good record once per epoch, plus one repeat for the bad one
+        part = ids[epoch * n:(epoch + 1) * n]
+        assert set(part) == set(range(21)) and len(part) - len(set(part)) == 1, part
+    assert ids[:n] != ids[n:2 * n]  # reshuffled each epoch
+    crops = {}
+    for b in ref:  # random crops/flips: the same photo differs between its appearances
+        for img, i in zip(b["image"], [_id_of(x) for x in b["image"]]):
+            crops.setdefault(i, []).append(img)
+    assert any(not np.array_equal(v[0], v[1]) for v in crops.values() if len(v) > 1)
+
+
+def test_state_restores_across_process_counts(tmp_path, fake_processes):
+    """An iterator state is the number of global-stream elements consumed, the same JSON in
+    every process: a state saved with 2 processes restores with 4 (or 1) and continues with
+    the next global batch; a different global batch size continues at the same element."""
+    _make_folder(tmp_path, 15, textured=True)
+    cfg = _cfg(source="folder", path=str(tmp_path), eval_holdout=1e-9)
+    ref = _global_batches(cfg, 1, 5, fake_processes)
+    fake_processes(1, 2)
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=3)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    assert state["consumed"] == 24 and it.positions().tolist() == [28, 29, 30, 31]
+    for count in (4, 1):
+        got = _global_batches(cfg, count, 2, fake_processes, state=state)
+        for a, b in zip(got, ref[3:]):
+            np.testing.assert_array_equal(a["image"], b["image"])
+    half = _global_batches(cfg, 2, 2, fake_processes, g=4, state=state)  # elements 24..31
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in half]), ref[3]["image"])
+    with pytest.raises(ValueError, match="seed"):
+        data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=4).set_state(state)
 
 
 def test_eval_batches_sharded_and_disjoint_from_train(tmp_path, fake_processes):
@@ -219,14 +279,16 @@ def test_eval_batches_sharded_and_disjoint_from_train(tmp_path, fake_processes):
     it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=8, seed=0)
     train_seen = {_id_of(img) for _ in range(6) for img in next(it)["image"]}
     assert train_seen and not train_seen & set(eval_ids)
-    # Two processes: each gets its own half of the first num_images eval images.
+    # Two processes: each gets its half of every global eval batch (since "Scale-out";
+    # before, each process took a contiguous half of the images), so the global batches
+    # are those of one process: images [4k, 4k+4) of the first num_images.
     parts = []
     for index in range(2):
         fake_processes(index, 2)
         ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=4, num_images=8)
         assert len(ev) == 2 and ev[0]["image"].shape == (2, RES, RES, 3)
-        parts.append([_id_of(img) for b in ev for img in b["image"]])
-    assert parts[0] + parts[1] == eval_ids[:8]
+        parts.append([[_id_of(img) for img in b["image"]] for b in ev])
+    assert [i for k in range(2) for p in range(2) for i in parts[p][k]] == eval_ids[:8]
     # Fewer images than one batch: cycled to fill exactly one batch.
     fake_processes(0, 1)
     ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=4, num_images=1)
@@ -337,6 +399,11 @@ def test_orbax_checkpoint_roundtrip(tmp_path, workers):
     got = _take(it2, 2)
     for x, y in zip(expected, got):
         np.testing.assert_array_equal(x, y)
+    # grain worker processes take whole local batches: the stream does not depend on them.
+    same = _take(data_lib.create_train_iterator(_cfg(source="folder", path=str(data_dir), eval_holdout=0.2),
+                                                resolution=RES, global_batch_size=4, seed=9), 5)[3:]
+    for x, y in zip(same, got):
+        np.testing.assert_array_equal(x, y)
     if workers:
         it.close()
         it2.close()
@@ -427,9 +494,12 @@ def test_bad_config_messages(tmp_path, fake_processes):
         data_lib.create_train_iterator(_cfg(), **kw)
     with pytest.raises(ValueError, match="eval batch_size=4 is not divisible"):
         data_lib.create_eval_batches(_cfg(), resolution=RES, batch_size=4, num_images=4)
+    # More processes than training images is fine now (the stream is global): each of 8
+    # processes takes one of the 7 photos' stream positions per batch of 8.
     fake_processes(0, 8)
-    with pytest.raises(ValueError, match="fewer than jax.process_count"):
-        data_lib.create_train_iterator(_cfg(), **kw)  # 7 embedded training photos
+    it = data_lib.create_train_iterator(_cfg(), **kw)
+    assert next(it)["image"].shape == (1, RES, RES, 3)
+    it.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -451,12 +521,12 @@ def main():
     cfg = ml_collections.ConfigDict(dict(source="folder", path=d, eval_holdout=0.25))
     it = D.create_train_iterator(cfg, resolution=16, global_batch_size=8, seed=0)
     ids = lambda x: [int(round((float(v[..., 0].mean()) + 1) * 127.5)) for v in x]
-    train = [i for _ in range(6) for i in ids(next(it)["image"])]
+    train = [ids(next(it)["image"]) for _ in range(6)]
     ev = D.create_eval_batches(cfg, resolution=16, batch_size=4, num_images=100)
     with ocp.CheckpointManager(os.path.join(d, os.pardir, "ckpt")) as m:
         m.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         m.wait_until_finished()
-    out = dict(train=train, eval=[i for b in ev for i in ids(b["image"])], n_eval=len(ev),
+    out = dict(train=train, eval=[ids(b["image"]) for b in ev], n_eval=len(ev),
                shape=list(ev[0]["image"].shape))
     print("RESULT" + json.dumps(out), flush=True)
 
@@ -465,7 +535,11 @@ if __name__ == "__main__":
 """
 
 
-def test_two_real_processes_shard_disjointly(tmp_path):
+def test_two_real_processes_split_each_global_batch(tmp_path):
+    """Two real JAX processes: process p's batches are exactly its halves of the global
+    batches a single process reads (train and eval), so within each global batch the two
+    processes' examples are disjoint (since "Scale-out"; before, each process read its own
+    contiguous shard). Their checkpointed iterator states are the same JSON."""
     import json
     import socket
     import subprocess
@@ -493,11 +567,18 @@ def test_two_real_processes_shard_disjointly(tmp_path):
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
         results.append(json.loads(out.split("RESULT", 1)[1].splitlines()[0]))
-    train0, train1 = set(results[0]["train"]), set(results[1]["train"])
-    assert train0 and train1 and not train0 & train1
-    assert not (train0 | train1) & eval_ids
-    ev0, ev1 = set(results[0]["eval"]), set(results[1]["eval"])
-    assert ev0 <= eval_ids and ev1 <= eval_ids and not ev0 & ev1
-    assert results[0]["n_eval"] == results[1]["n_eval"] and results[0]["shape"] == [2, 16, 16, 3]
-    files = sorted(os.listdir(tmp_path / "ckpt" / "1" / "data"))
-    assert "process_0-of-2.json" in files and "process_1-of-2.json" in files
+    cfg = ml_collections.ConfigDict(dict(source="folder", path=str(imgs), eval_holdout=0.25))
+    it = data_lib.create_train_iterator(cfg, resolution=16, global_batch_size=8, seed=0)
+    ref = [[_id_of(x) for x in next(it)["image"]] for _ in range(6)]
+    for k in range(6):
+        assert results[0]["train"][k] + results[1]["train"][k] == ref[k]
+        assert not set(ref[k]) & eval_ids
+    ev_ref = data_lib.create_eval_batches(cfg, resolution=16, batch_size=4, num_images=100)
+    for k, b in enumerate(ev_ref):
+        assert results[0]["eval"][k] + results[1]["eval"][k] == [_id_of(x) for x in b["image"]]
+    assert results[0]["n_eval"] == results[1]["n_eval"] == len(ev_ref)
+    assert results[0]["shape"] == [2, 16, 16, 3]
+    files = sorted(f for f in os.listdir(tmp_path / "ckpt" / "1" / "data") if f.endswith(".json"))
+    assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+    states = [json.loads((tmp_path / "ckpt" / "1" / "data" / f).read_text()) for f in files]
+    assert states[0] == states[1] and states[0]["consumed"] == 48

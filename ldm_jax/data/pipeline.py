@@ -1,30 +1,46 @@
-"""grain pipelines: the infinite sharded training iterator and the fixed eval batches.
+"""grain pipelines: the infinite training stream and the fixed eval batches.
 
-Training (``create_train_iterator``), per JAX process::
+Training (``create_train_iterator``) is defined globally, independent of the process count:
 
-    MapDataset.source(src)[shard]            # ShardByJaxProcess(drop_remainder=True) slice
-      .seed(s).shuffle().repeat(None)        # global shuffle of the shard, new order each epoch
-      .map(DecodeImage)                      # bytes -> RGB, resize; None (dropped) if corrupt
-      .random_map(RandomCropFlip)            # per-record rng from grain: deterministic
-      .to_iter_dataset(ReadOptions)          # thread pool; drops the None records
-      .batch(b, drop_remainder=True)
-      [.mp_prefetch(worker_count, prefetch)] # grain worker processes
-      .map(_Finalize)                        # main process: skip accounting, strip "_bad"
+  * the stream of record keys is a seeded shuffle of the whole training source, reshuffled
+    every epoch: ``MapDataset.range(n).seed(s).shuffle().repeat(None)``; position ``g`` of the
+    stream holds key ``order[g]`` (O(1) random access);
+  * global batch ``k`` is positions ``[k*G, (k+1)*G)`` (``G = global_batch_size``);
+  * process ``p`` of ``P`` takes positions ``[k*G + p*b, k*G + (p+1)*b)``, ``b = G // P``.
 
-The ``MapDataset`` API is used rather than ``DataLoader`` + ``IndexSampler`` because it
-allows a stage after ``mp_prefetch`` that runs in the main process (``_Finalize``), which is
-how skips detected in worker processes reach ``skipped_count()``. Sharding semantics are the
-same as ``IndexSampler(shard_options=ShardByJaxProcess(drop_remainder=True))``: an even,
-contiguous split of the record keys, one part per process. The returned iterator is a
-``grain.DatasetIterator``: ``get_state()``/``set_state()`` and
-``grain.checkpoint.CheckpointSave``/``CheckpointRestore`` inside ``ocp.args.Composite``.
-A restored state must be used with the same data config, global batch size, seed,
-process count and worker_count.
+The global batches therefore depend only on (seed, source, G), never on P: a run with
+2 processes and one with 1 process see the same examples in the same batches, with the
+same crops and flips (the augmentation rng is seeded by the stream position). Per
+process::
+
+    MapDataset.range(2**63 - 1)                  # local element index j
+      .map(_LocalToGlobal)                       # j -> stream position g (above)
+      .map(DecodeAt(source, order))              # g -> key -> RGB image; an unreadable record
+                                                 #   is replaced by the one at g+1, g+2, ...
+      .map(AugmentAt)                            # crop/flip with rng(seed, g)
+      .batch(b, drop_remainder=True)             # local batch k = elements [k*b, (k+1)*b)
+      .to_iter_dataset(ReadOptions)              # thread pool over batches
+      [.mp_prefetch(worker_count, prefetch)]     # grain worker processes
+      .map(_Finalize)                            # main process: skip accounting, strip "_bad"
+
+wrapped in a ``TrainIterator`` whose state is the number of stream elements consumed
+(``{"consumed": k*G, ...}``), the same JSON in every process. ``get_state()/set_state()``
+and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` work as for any grain iterator;
+restoring rebuilds the pipeline at that position (O(1), no replay), so a state saved by a
+run with P processes (or another global batch size that divides the position) restores in
+a run with Q processes. ``checkpointing.Checkpointer`` also keeps the state in the
+checkpoint's ``meta``, because grain's per-process files are named ``process_i-of-P``.
+
+Eval batches (``create_eval_batches``) follow the same layout without shuffling: global
+batch ``k`` is images ``[k*B, (k+1)*B)`` of the first ``num_images`` in listing order,
+process ``p`` takes its ``B // P`` slice, so the eval set and batches do not depend on P.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
+import sys
 from typing import Any
 
 import grain
@@ -34,7 +50,11 @@ from absl import flags
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
 
+log = logging.getLogger("ldm_jax")
+
 _SOURCES = ("embedded", "folder", "tfds")
+# Threads decoding whole local batches in each (main or worker) process.
+_READ_THREADS = 8
 
 
 def skipped_count() -> int:
@@ -105,12 +125,24 @@ def _local_batch(batch_size: int, what: str) -> int:
     return batch_size // count
 
 
-def _fold_seed(seed: int, process_index: int) -> int:
-    """32-bit pipeline seed, distinct per process (so hosts do not draw identical crops)."""
+def _pipeline_seed(seed: int) -> int:
+    """32-bit pipeline seed (shuffle and augmentation), the same in every process: the
+    stream must not depend on the process count."""
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}.")
-    ss = np.random.SeedSequence([int(seed) % 2**63, int(process_index)])
+    ss = np.random.SeedSequence([int(seed) % 2**63])
     return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+class _LocalToGlobal(grain.transforms.Map):
+    """Local element index -> global stream position (see the module docstring)."""
+
+    def __init__(self, start: int, global_batch: int, local_batch: int, process_index: int):
+        self._start, self._g, self._b, self._p = int(start), int(global_batch), int(local_batch), int(process_index)
+
+    def map(self, j) -> int:
+        k, i = divmod(int(j), self._b)
+        return self._start + k * self._g + self._p * self._b + i
 
 
 class _Finalize(grain.transforms.Map):
@@ -140,61 +172,142 @@ class _Finalize(grain.transforms.Map):
         return "unreadable"
 
 
-def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, seed: int):
-    """Infinite, shuffled (reshuffled each epoch), per-process-sharded grain iterator.
+class TrainIterator(grain.DatasetIterator):
+    """Local batches of the global training stream; checkpointable across process counts.
+
+    State (JSON): ``{"consumed": stream elements consumed by all processes together,
+    "global_batch_size", "seed", "num_records", "source"}`` - identical in every process.
+    ``set_state`` rebuilds the grain pipeline at ``consumed`` (lazily, on the next
+    ``__next__``); no batches are replayed.
+    """
+
+    def __init__(self, build, *, global_batch_size: int, local_batch_size: int, process_index: int,
+                 seed: int, num_records: int, source_uid: str):
+        super().__init__()
+        self._build = build
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = int(local_batch_size)
+        self.process_index = int(process_index)
+        self._seed, self._n, self._uid = int(seed), int(num_records), str(source_uid)
+        self._consumed = 0
+        self._inner = None
+
+    @property
+    def consumed(self) -> int:
+        """Elements of the global stream consumed so far (all processes together)."""
+        return self._consumed
+
+    def positions(self) -> np.ndarray:
+        """Stream positions of this process's next batch (before replacement of unreadable
+        records)."""
+        return self._consumed + self.process_index * self.local_batch_size + np.arange(self.local_batch_size)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        if self._inner is None:
+            self._inner = self._build(self._consumed)
+        batch = next(self._inner)
+        self._consumed += self.global_batch_size
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"consumed": self._consumed, "global_batch_size": self.global_batch_size,
+                "seed": self._seed, "num_records": self._n, "source": self._uid}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "consumed" not in state:
+            raise ValueError(
+                f"data iterator state {state} comes from the per-process pipeline of older "
+                "ldm_jax versions; the global stream cannot continue from it. Resume with the "
+                "version that wrote the checkpoint, or start a new workdir.")
+        consumed = int(state["consumed"])
+        if int(state.get("seed", self._seed)) != self._seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this run uses {self._seed}.")
+        if int(state.get("num_records", self._n)) != self._n or state.get("source", self._uid) != self._uid:
+            raise ValueError(
+                f"data state was saved for {state.get('source')} with {state.get('num_records')} "
+                f"records; this run reads {self._uid} with {self._n}. The stream would differ.")
+        if consumed % self.global_batch_size:
+            log.warning(
+                "data state: %d elements consumed is not a multiple of the global batch size %d "
+                "(it was saved with %s); batches now start mid-way through the saved ones.",
+                consumed, self.global_batch_size, state.get("global_batch_size"))
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+        self._consumed = consumed
+
+    def start_prefetch(self) -> None:
+        if self._inner is None:
+            self._inner = self._build(self._consumed)
+        self._inner.start_prefetch()
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+        super().close()
+
+    def __str__(self) -> str:
+        return (f"TrainIterator(global_batch_size={self.global_batch_size}, "
+                f"process={self.process_index}, consumed={self._consumed})")
+
+
+def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, seed: int) -> TrainIterator:
+    """Infinite, shuffled (reshuffled each epoch) stream, this process's part of each batch.
 
     Yields ``{"image": np.ndarray float32 [b, resolution, resolution, 3] in [-1, 1],
     "label": int32 [b]}`` (class indices; zeros for unlabelled sources) with
-    ``b = global_batch_size // jax.process_count()``. The iterator supports
-    ``get_state()``/``set_state()`` and ``grain.checkpoint.CheckpointSave`` /
-    ``CheckpointRestore``. Corrupt files are skipped (see ``skipped_count()``); a dataset
-    smaller than one batch still yields full batches (the data repeats).
+    ``b = global_batch_size // jax.process_count()``: elements ``[p*b, (p+1)*b)`` of each
+    global batch, which depends only on (seed, source, global_batch_size) - see the module
+    docstring. The iterator supports ``get_state()``/``set_state()`` and
+    ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``, across process counts.
+    Corrupt files are skipped (see ``skipped_count()``) and replaced by the next readable
+    record of the stream; a dataset smaller than one batch still yields full batches.
     """
     cfg = _validate(data_cfg, resolution)
     b = _local_batch(global_batch_size, "global_batch_size")
-    index, count = _process_index_count()
-    pipeline_seed = _fold_seed(seed, index)
-
+    index, _ = _process_index_count()
+    pseed = _pipeline_seed(seed)
     source = sources_lib.make_source(data_cfg, "train")
     n = len(source)
-    per = n // count
-    if per == 0:
-        raise ValueError(
-            f"The training split of {source!r} has {n} images, fewer than "
-            f"jax.process_count()={count}: every process needs at least one."
-        )
-    start, end = index * per, (index + 1) * per
+    order = grain.MapDataset.range(n).seed(pseed).shuffle().repeat(None)  # position -> key
 
-    ds = grain.MapDataset.source(source)[start:end]
-    ds = ds.seed(pipeline_seed).shuffle().repeat(None)
-    ds = ds.map(tf_lib.DecodeImage(source, resolution, cfg["resize"], (start, end)))
-    ds = ds.random_map(tf_lib.RandomCropFlip(resolution, cfg["random_crop"], cfg["random_flip"]))
-    ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=16, prefetch_buffer_size=max(16, cfg["prefetch"] * b))
-    )
-    ds = ds.batch(b, drop_remainder=True)
-    if cfg["workers"] > 0:
-        # grain's worker start-up reads absl flags; outside absl.app.run (notebooks,
-        # pytest) they are unparsed, which would make it fail. Defaults are fine.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=cfg["workers"], per_worker_buffer_size=cfg["prefetch"]
-            )
-        )
-    ds = ds.map(_Finalize(source))
-    return iter(ds)
+    def build(start: int):
+        ds = grain.MapDataset.range(sys.maxsize)
+        ds = ds.map(_LocalToGlobal(start, global_batch_size, b, index))
+        ds = ds.map(tf_lib.DecodeAt(source, order, resolution, cfg["resize"]))
+        ds = ds.map(tf_lib.AugmentAt(resolution, cfg["random_crop"], cfg["random_flip"], pseed))
+        # Batch before leaving MapDataset land: grain worker processes then take whole local
+        # batches (worker w: batches w, w+W, ...), which keeps batch k = elements
+        # [k*b, (k+1)*b) for any worker_count and makes a restart at `start` exact.
+        ds = ds.batch(b, drop_remainder=True)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                                  prefetch_buffer_size=max(_READ_THREADS, cfg["prefetch"])))
+        if cfg["workers"] > 0:
+            # grain's worker start-up reads absl flags; outside absl.app.run (notebooks,
+            # pytest) they are unparsed, which would make it fail. Defaults are fine.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=cfg["workers"],
+                                             per_worker_buffer_size=cfg["prefetch"]))
+        ds = ds.map(_Finalize(source))
+        return iter(ds)
+
+    return TrainIterator(build, global_batch_size=global_batch_size, local_batch_size=b,
+                         process_index=index, seed=pseed, num_records=n, source_uid=source.uid)
 
 
 def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_images: int) -> list[dict]:
     """Deterministic held-out batches: center crop, no flip, no shuffle.
 
-    The first ``min(num_images, len(eval split))`` eval images are split evenly (contiguous,
-    remainder dropped) over ``jax.process_count()`` processes; this process's part is grouped
-    into batches of ``batch_size // process_count`` (last partial batch dropped). If the part
-    is smaller than one batch, or corrupt files shrink it, images repeat cyclically so every
-    process returns the same number of batches (at least one).
+    Global batch ``k`` holds images ``[k*B, (k+1)*B)`` (``B = batch_size``) of the first
+    ``m = min(num_images, len(eval split))`` eval images in listing order, ``max(1, m // B)``
+    batches (remainder dropped; if ``m < B`` the images repeat cyclically to fill one batch).
+    This process gets its slice ``[p*B/P, (p+1)*B/P)`` of each, so the evaluated images do not
+    depend on ``jax.process_count()``. An unreadable image is replaced by the next readable
+    one (cyclically).
     """
     return ordered_batches(data_cfg, split="eval", resolution=resolution, batch_size=batch_size,
                            num_images=num_images)
@@ -204,46 +317,31 @@ def ordered_batches(data_cfg, *, split: str, resolution: int, batch_size: int, n
                     keep_remainder: bool = False) -> list[dict]:
     """Center-cropped batches of ``split`` in file order (see ``create_eval_batches``).
 
-    ``keep_remainder``: keep the last partial batch, filled up by repeating images; the
-    number of real images of the process's part is then ``batches[-1]["num_valid"]``
-    summed over batches (each batch carries ``num_valid``)."""
+    ``keep_remainder``: ``ceil(m / B)`` global batches, the last one filled up by repeating
+    images; each local batch then carries ``num_valid``, the number of its leading entries
+    that are real positions ``< m`` (each of the ``m`` images is real in exactly one process)."""
     cfg = _validate(data_cfg, resolution)
     lb = _local_batch(batch_size, "eval batch_size")
     if not _is_int(num_images) or num_images <= 0:
         raise ValueError(f"num_images must be a positive int, got {num_images!r}.")
-    index, count = _process_index_count()
-
+    index, _ = _process_index_count()
     source = sources_lib.make_source(data_cfg, split)
-    n = min(int(num_images), len(source))
-    if n >= count:
-        per = n // count
-        start, end = index * per, (index + 1) * per
-    else:  # fewer images than processes: each process takes one (shared) image
-        start = index % n
-        end = start + 1
-    if keep_remainder:
-        num_batches = max(1, -(-(end - start) // lb))
-    else:
-        num_batches = max(1, (end - start) // lb)
+    m = min(int(num_images), len(source))
+    num_batches = max(1, -(-m // batch_size) if keep_remainder else m // batch_size)
+    positions = np.concatenate([k * batch_size + index * lb + np.arange(lb) for k in range(num_batches)])
 
-    ds = grain.MapDataset.source(source)[start:end]
-    ds = ds.map(tf_lib.DecodeImage(source, resolution, cfg["resize"], (start, end)))
+    keys = grain.MapDataset.range(m)  # position -> key, cyclic over the first m records
+    ds = grain.MapDataset.source(positions)
+    ds = ds.map(tf_lib.DecodeAt(source, keys, resolution, cfg["resize"], num_keys=m))
     ds = ds.map(tf_lib.CenterCrop(resolution))
     els = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=16)))
-    images = [el["image"] for el in els]
-    labels = [el["label"] for el in els]
-    if not images:  # DecodeImage raises first; kept as a guard
-        raise ValueError(f"No readable {split} images in {source!r} [{start}, {end}).")
-    real = len(images)
-    needed = num_batches * lb
-    images = [images[i % len(images)] for i in range(needed)]
-    labels = [labels[i % len(labels)] for i in range(needed)]
     out = []
-    for i in range(num_batches):
-        b = {"image": np.stack(images[i * lb:(i + 1) * lb]),
-             "label": np.asarray(labels[i * lb:(i + 1) * lb], np.int32)}
+    for k in range(num_batches):
+        part = els[k * lb:(k + 1) * lb]
+        b = {"image": np.stack([el["image"] for el in part]),
+             "label": np.asarray([el["label"] for el in part], np.int32)}
         if keep_remainder:
-            b["num_valid"] = int(min(lb, max(real - i * lb, 0)))
+            b["num_valid"] = int(np.sum(positions[k * lb:(k + 1) * lb] < m))
         out.append(b)
     return out
 

@@ -1,15 +1,17 @@
 """Image decoding and augmentation as grain transforms, plus the skipped-file registry.
 
-Pipeline per record: ``DecodeImage`` (bytes -> RGB PIL image, shorter side resized) ->
-``RandomCropFlip`` (train: random or center crop, optional flip; per-record rng from grain)
-or ``CenterCrop`` (eval) -> float32 HWC in [-1, 1].
+Pipeline per stream position: ``DecodeAt`` (position -> record key -> bytes -> RGB PIL
+image, shorter side resized) -> ``AugmentAt`` (train: random or center crop, optional flip,
+rng seeded by the global position) or ``CenterCrop`` (eval) -> float32 HWC in [-1, 1].
 
-Unreadable or corrupt records make ``DecodeImage`` return ``None``; grain drops ``None``
-elements. In the process that owns the pipeline the skip is registered at once (one
-``logging.warning`` per file, counted by ``skipped_count()``). Inside grain worker
-processes the keys of skipped records ride along in the next good record (``"_bad"``,
-``BAD_SLOTS`` int64 slots, -1 = empty) and the main process registers them when the batch
-arrives (see ``pipeline._Finalize``), so ``skipped_count()`` is right for any worker_count.
+Unreadable or corrupt records make ``DecodeImage`` return ``None``; ``DecodeAt`` then takes
+the record at the next position of the same stream (the next good index), so the replacement
+depends only on the stream, never on which process or worker reads it. In the process that
+owns the pipeline the skip is registered at once (one ``logging.warning`` per file, counted
+by ``skipped_count()``). Inside grain worker processes the keys of skipped records ride
+along in the next good record (``"_bad"``, ``BAD_SLOTS`` int64 slots, -1 = empty) and the
+main process registers them when the batch arrives (see ``pipeline._Finalize``), so
+``skipped_count()`` is right for any worker_count.
 
 This module must not import jax: grain worker processes unpickle these transforms.
 """
@@ -167,11 +169,22 @@ class DecodeImage(grain.transforms.Map):
         self._shard = (int(shard[0]), int(shard[1]))  # [start, end) keys this pipeline reads
         self._owner_pid = os.getpid()
 
+    def known_bad(self, key: int) -> bool:
+        with _lock:
+            return int(key) in _bad_keys.get(self._uid, ())
+
+    def check_not_all_bad(self) -> None:
+        """Raises once every key of ``shard`` is known to be unreadable."""
+        start, end = self._shard
+        with _lock:
+            n_bad = sum(start <= k < end for k in _bad_keys.get(self._uid, ()))
+        if n_bad >= end - start:
+            raise ValueError(f"All {end - start} images of {self._source!r} [{start}, {end}) are unreadable.")
+
     def map(self, record: dict[str, Any]) -> dict[str, Any] | None:
         key = int(record["key"])
-        with _lock:
-            if key in _bad_keys.get(self._uid, ()):
-                return None
+        if self.known_bad(key):
+            return None
         try:
             if record["data"] is None:
                 raise OSError(record["error"] or "unreadable")
@@ -209,6 +222,50 @@ class DecodeImage(grain.transforms.Map):
                 f"All {self._shard[1] - self._shard[0]} images of this process's shard of {self._source!r} "
                 f"are unreadable (last: {self._source.describe(key)}: {reason})."
             )
+
+
+class DecodeAt(grain.transforms.Map):
+    """Stream position -> ``DecodeImage`` output of the record at that position, or, if that
+    record is unreadable, of the record at the next position whose record is readable.
+
+    ``key_at`` maps a position to a record key (a ``grain.MapDataset`` of keys: O(1) random
+    access). The position itself is kept in ``"_pos"`` (seeds the augmentation). Raises
+    (through ``DecodeImage``) once every record of the source is known to be unreadable.
+    """
+
+    def __init__(self, source, key_at, resolution: int, resize_short_side: int,
+                 num_keys: int | None = None):
+        n = len(source) if num_keys is None else int(num_keys)
+        self._source = source
+        self._key_at = key_at
+        self._decode = DecodeImage(source, resolution, resize_short_side, (0, n))
+
+    def map(self, position) -> dict[str, Any]:
+        pos = int(position)
+        p = pos
+        while True:
+            key = int(self._key_at[p])
+            if not self._decode.known_bad(key):
+                out = self._decode.map(self._source[key])
+                if out is not None:
+                    out["_pos"] = np.int64(pos)
+                    return out
+            else:
+                self._decode.check_not_all_bad()  # other threads found the last bad ones
+            p += 1
+
+
+class AugmentAt(grain.transforms.Map):
+    """``RandomCropFlip`` with an rng seeded by ``(seed, element["_pos"])``: the crop and flip
+    of a stream position are the same whichever process, worker or thread computes them."""
+
+    def __init__(self, resolution: int, random_crop: bool, random_flip: bool, seed: int):
+        self._crop_flip = RandomCropFlip(resolution, random_crop, random_flip)
+        self._seed = int(seed)
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        rng = np.random.default_rng([self._seed, int(element["_pos"])])
+        return self._crop_flip.random_map(element, rng)
 
 
 class RandomCropFlip(grain.transforms.RandomMap):
