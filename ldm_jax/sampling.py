@@ -28,6 +28,7 @@ def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
     """Returns ``(uint8 images [num, H, W, 3], labels [num], trained)``."""
     import jax
     import numpy as np
+    from jax.experimental import multihost_utils
 
     from ldm_jax import metric_writers as mw
     from ldm_jax import sharding, tiling
@@ -64,8 +65,13 @@ def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
         lab = labels[i * batch:(i + 1) * batch]
         lab = np.concatenate([lab, np.repeat(lab[-1:], batch - len(lab))]) if len(lab) < batch else lab
         key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-        res = sample_fn(params, rest, ae_state, key, jax.device_put(lab, batch_sh), tr.scale_factor)
-        res = np.asarray(jax.device_get(res))
+        # Each process contributes its slice of the global label batch; results are gathered
+        # on every process (one process: a plain device_put / device_get).
+        b_local = batch // jax.process_count()
+        p = jax.process_index()
+        glab = sharding.global_batch({"label": lab[p * b_local:(p + 1) * b_local]}, batch_sh)["label"]
+        res = sample_fn(params, rest, ae_state, key, glab, tr.scale_factor)
+        res = np.asarray(multihost_utils.process_allgather(res, tiled=True))
         if tiled:
             res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
                                       overlap=min(tile_overlap, th - 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -49,3 +50,22 @@ def log_once(msg: str) -> None:
 
 def param_count(tree: Any) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def prepare_workdir(config: Any, workdir: str):
+    """Create ``workdir``, set the compilation cache, write ``config.json`` (process 0) and
+    open the metric writer; returns ``(is_main, writer)``."""
+    import ml_collections
+
+    from ldm_jax import metric_writers as mw
+
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
+    writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
+    return is_main, writer

@@ -36,7 +36,7 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype, global_norm, log_once,
-                                     param_count, tree_where)
+                                     param_count, prepare_workdir, tree_where)
 
 log = logging.getLogger("ldm_jax")
 
@@ -332,15 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_ldm_config(config, num_devices=mesh.size)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
-    writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
+    is_main, writer = prepare_workdir(config, workdir)
     batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     # ---- frozen autoencoder ----------------------------------------------------------------

@@ -38,7 +38,8 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, Diagona
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import create_lpips
 from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype as _dtype, fresh as _fresh,
-                                     global_norm as _norm, log_once as _log_once, tree_where as _tree_where)
+                                     global_norm as _norm, log_once as _log_once, prepare_workdir,
+                                     tree_where as _tree_where)
 
 log = logging.getLogger("ldm_jax")
 
@@ -268,15 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
-    writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
+    is_main, writer = prepare_workdir(config, workdir)
 
     # ---- LPIPS ---------------------------------------------------------------------------
     lp_model, lp_msg = create_lpips(
