@@ -265,6 +265,12 @@ def _normalise(sd: Mapping[str, Any], layout: str, ignore_prefixes=DEFAULT_IGNOR
         layout = detect_layout(sd)
     elif layout not in LAYOUTS:
         raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    return as_numpy_state_dict(sd, layout), layout
+
+
+def as_numpy_state_dict(sd: Mapping[str, Any], layout: str) -> dict[str, np.ndarray]:
+    """numpy arrays, with old diffusers attention names (``query/key/value/proj_attn``)
+    renamed to ``to_q/to_k/to_v/to_out.0`` in the diffusers layout."""
     out = {}
     for k, v in sd.items():
         if layout == "diffusers":
@@ -272,7 +278,7 @@ def _normalise(sd: Mapping[str, Any], layout: str, ignore_prefixes=DEFAULT_IGNOR
             if m:
                 k = f"{m.group(1)}{_LEGACY_ATTN[m.group(2)]}.{m.group(3)}"
         out[k] = _as_numpy(v)
-    return out, layout
+    return out
 
 
 def _as_numpy(v: Any) -> np.ndarray:

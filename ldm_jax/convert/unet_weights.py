@@ -95,7 +95,6 @@ ATTENTION_ORDERS = ("legacy", "new")
 LDM_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema."
 DIFFUSERS_CLASS = "UNet2DModel"
-_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _HEADS_HINT = ("the attention head layout is not stored in the weights: pass num_head_channels "
                "or num_heads (CLI: --num-head-channels / --num-heads), or a config")
 
@@ -356,14 +355,7 @@ def _normalise(sd: Mapping[str, Any], layout: str, use_ema: bool = False
         layout = detect_layout(sd)
     elif layout not in LAYOUTS:
         raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
-    out = {}
-    for k, v in sd.items():
-        if layout == "diffusers":
-            m = re.match(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$", k)
-            if m:
-                k = f"{m.group(1)}{_LEGACY_ATTN[m.group(2)]}.{m.group(3)}"
-        out[k] = aw._as_numpy(v)
-    return out, layout
+    return aw.as_numpy_state_dict(sd, layout), layout
 
 
 def _fit_rank(sd: dict[str, np.ndarray], expected: Mapping[str, tuple]) -> dict[str, np.ndarray]:
