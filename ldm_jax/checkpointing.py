@@ -117,6 +117,15 @@ class PreemptionFlag:
 
         return bool(multihost_utils.process_allgather(local).any())
 
+    def should_stop(self, step: int, every: int) -> bool:
+        """Whether the loop should save and stop after ``step``. One process checks its flag
+        every step; with several processes the flags are agreed (a collective) only every
+        ``every`` steps, so the check costs no host sync on the other steps and all
+        processes stop at the same step."""
+        if jax.process_count() > 1 and step % every:
+            return False
+        return self.is_set()
+
     def restore_handler(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -199,15 +200,59 @@ def _check_keys(cfg: Any, ref: Any, prefix: str) -> list[str]:
     return errors
 
 
-def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ``ValueError`` listing every unknown key and impossible value."""
-    errors = _check_keys(c, vae_base_config(), "")
+INTERVAL_KEYS = (
+    "log_every_steps", "eval_every_steps", "image_every_steps", "checkpoint_every_steps"
+)
+DATA_SOURCES = ("embedded", "folder", "tfds")
+
+
+def _raise_if_invalid(errors: list[str]) -> None:
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _start_validation(c: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
+                      errors: list[str]) -> Callable[[bool, str], None]:
+    """Raise for unknown keys of ``c`` (vs ``ref``); else return ``need(cond, msg)``, which
+    records ``msg`` in ``errors`` when ``cond`` is false."""
+    errors.extend(_check_keys(c, ref, ""))
+    _raise_if_invalid(errors)
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
             errors.append(msg)
+
+    return need
+
+
+def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str], None],
+                        num_devices: int | None, counts: tuple[str, ...] = ()) -> None:
+    """The checks every trainer's config shares, so that all report them alike, in order:
+
+    * each ``INTERVAL_KEYS`` interval, then each key in ``counts``, is >= 1;
+    * ``data.source`` is one of ``DATA_SOURCES``; a ``folder`` source needs ``data.path``
+      and a ``tfds`` one ``data.tfds_name``;
+    * with ``num_devices``, ``global_batch_size`` and ``eval_batch_size`` are divisible by it.
+    """
+    for k in INTERVAL_KEYS + tuple(counts):
+        need(c[k] >= 1, f"{k} must be >= 1")
+    need(c.data.source in DATA_SOURCES,
+         f"data.source must be 'embedded', 'folder' or 'tfds', got {c.data.source!r}")
+    if c.data.source == "folder":
+        need(bool(c.data.path), "data.source='folder' needs data.path (a directory of images)")
+    if c.data.source == "tfds":
+        need(bool(c.data.tfds_name), "data.source='tfds' needs data.tfds_name, e.g. 'imagenette/320px-v2'")
+    if num_devices is not None:
+        for k in ("global_batch_size", "eval_batch_size"):
+            need(c[k] % num_devices == 0,
+                 f"{k}={c[k]} is not divisible by the {num_devices} devices of the mesh; "
+                 f"use a multiple of {num_devices}")
+
+
+def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ``ValueError`` listing every unknown key and impossible value."""
+    errors: list[str] = []
+    need = _start_validation(c, vae_base_config(), errors)
 
     need(c.trainer == "vae_gan", f"trainer must be 'vae_gan' for this config, got {c.trainer!r}")
     need(c.num_train_steps >= 1, "num_train_steps must be >= 1")
@@ -239,24 +284,8 @@ def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = 
     need(0 <= c.optim.b1 < 1 and 0 <= c.optim.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
     need(c.optim.warmup_steps >= 0 and c.optim.grad_clip_norm >= 0,
          "optim.warmup_steps and optim.grad_clip_norm must be >= 0")
-    for k in ("log_every_steps", "eval_every_steps", "image_every_steps", "checkpoint_every_steps"):
-        need(c[k] >= 1, f"{k} must be >= 1")
-    need(c.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    need(c.data.source in ("embedded", "folder", "tfds"),
-         f"data.source must be 'embedded', 'folder' or 'tfds', got {c.data.source!r}")
-    if c.data.source == "folder":
-        need(bool(c.data.path), "data.source='folder' needs data.path (a directory of images)")
-    if c.data.source == "tfds":
-        need(bool(c.data.tfds_name), "data.source='tfds' needs data.tfds_name, e.g. 'imagenette/320px-v2'")
-    if num_devices is not None:
-        need(c.global_batch_size % num_devices == 0,
-             f"global_batch_size={c.global_batch_size} is not divisible by the {num_devices} devices "
-             f"of the mesh; use a multiple of {num_devices}")
-        need(c.eval_batch_size % num_devices == 0,
-             f"eval_batch_size={c.eval_batch_size} is not divisible by the {num_devices} devices; "
-             f"use a multiple of {num_devices}")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    _check_run_settings(c, need, num_devices, ("keep_checkpoints",))
+    _raise_if_invalid(errors)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,13 +436,8 @@ LDM_VARIANTS = {"": None, "tiny": apply_ldm_tiny, "demo": apply_ldm_demo}
 
 def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ``ValueError`` listing every unknown key and impossible value of an LDM config."""
-    errors = _check_keys(c, ldm_base_config(), "")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
+    errors: list[str] = []
+    need = _start_validation(c, ldm_base_config(), errors)
 
     need(c.trainer == "ldm", f"trainer must be 'ldm' for this config, got {c.trainer!r}")
     need(c.space in LDM_SPACES, f"space must be one of {LDM_SPACES}, got {c.space!r}")
@@ -449,15 +473,6 @@ def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = 
     need(c.latent.scale_factor >= 0, "latent.scale_factor must be >= 0 (0 = estimate from data)")
     need(c.optim.lr > 0 and c.optim.warmup_steps >= 0 and c.optim.grad_clip_norm >= 0,
          "optim.lr must be > 0, warmup_steps and grad_clip_norm >= 0")
-    for k in ("log_every_steps", "eval_every_steps", "image_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "num_image_samples", "num_eval_images"):
-        need(c[k] >= 1, f"{k} must be >= 1")
-    need(c.data.source in ("embedded", "folder", "tfds"),
-         f"data.source must be 'embedded', 'folder' or 'tfds', got {c.data.source!r}")
-    if num_devices is not None:
-        for k in ("global_batch_size", "eval_batch_size"):
-            need(c[k] % num_devices == 0,
-                 f"{k}={c[k]} is not divisible by the {num_devices} devices of the mesh; "
-                 f"use a multiple of {num_devices}")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    _check_run_settings(c, need, num_devices,
+                        ("keep_checkpoints", "num_image_samples", "num_eval_images"))
+    _raise_if_invalid(errors)

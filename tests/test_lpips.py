@@ -21,6 +21,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ldm_jax import weights_cache
 from ldm_jax.convert import lpips_weights as lw
 from ldm_jax.convert.torch_pickle import (
     TorchPickleError,
@@ -278,7 +279,7 @@ def test_download_failures_are_reported(empty_env, monkeypatch):
         urls.append(url)
         raise urllib.error.URLError("no network in tests")
 
-    monkeypatch.setattr(L, "_download", no_network)
+    monkeypatch.setattr(weights_cache, "download", no_network)
     with pytest.raises(L.LPIPSWeightsMissingError, match="no network in tests"):
         L.create_lpips(rngs=nnx.Rngs(0))
     assert urls == [L.VGG16_URL, L.HEADS_URL]
@@ -288,9 +289,30 @@ def test_real_downloader_fails_cleanly(tmp_path):
     # A refused local connection: fails at once, reports why, leaves no partial file.
     notes: list[str] = []
     dest = tmp_path / "cache" / "x.pth"
-    assert L._try_download("http://127.0.0.1:9/x.pth", str(dest), notes) is None
+    assert weights_cache.try_download("http://127.0.0.1:9/x.pth", str(dest), notes) is None
     assert len(notes) == 1 and "127.0.0.1:9" in notes[0]
     assert os.listdir(tmp_path / "cache") == []
+
+
+def test_weights_cache_env_and_offline_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "c"))
+    assert weights_cache.default_cache_dir() == str(tmp_path / "c")
+    monkeypatch.delenv("LDM_JAX_CACHE")
+    assert weights_cache.default_cache_dir() == os.path.expanduser("~/.cache/ldm_jax")
+    for value, offline in (("1", True), ("yes", True), ("0", False), (" False ", False),
+                           ("", False)):
+        monkeypatch.setenv("LDM_JAX_OFFLINE", value)
+        assert weights_cache.is_offline() is offline, value
+    monkeypatch.setenv("LDM_JAX_OFFLINE", "1")
+    monkeypatch.setattr(weights_cache, "download", lambda *a, **k: pytest.fail("downloaded offline"))
+    notes: list[str] = []
+    for name in ("a.pth", "b.pth"):
+        dest = str(tmp_path / name)
+        assert weights_cache.download_if_online(f"http://x/{name}", dest, notes) is None
+    assert notes == [weights_cache.OFFLINE_NOTE]
+    want = f"Automatic download: {weights_cache.OFFLINE_NOTE}."
+    assert weights_cache.download_notes_lines(notes) == [want]
+    assert weights_cache.download_notes_lines([]) == []
 
 
 # ----------------------------------------------------------------------------- torch parity
@@ -425,7 +447,7 @@ def test_create_lpips_downloads_missing_files(torch_weights, empty_env, monkeypa
         shutil.copy(sources[url], dest)
         return dest
 
-    monkeypatch.setattr(L, "_download", fake_download)
+    monkeypatch.setattr(weights_cache, "download", fake_download)
     model, msg = L.create_lpips(rngs=nnx.Rngs(0))
     assert fetched == [(L.VGG16_URL, L.VGG16_PTH_NAME), (L.HEADS_URL, L.HEADS_PTH_NAME)]
     assert model is not None and (empty_env / L.LPIPS_NPZ_NAME).is_file()

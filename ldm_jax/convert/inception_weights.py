@@ -9,11 +9,11 @@ map onto the module tree of ``ldm_jax.models.inception.FIDInceptionV3``:
 ``Mixed_5b/branch1x1/conv/kernel`` (HWIO), ``Mixed_5b/branch1x1/bn/{scale,bias,mean,var}``,
 ``fc/kernel`` ([2048, 1008]) and ``fc/bias``.
 
-``create_inception()`` looks for weights like ``ldm_jax.models.lpips.create_lpips``:
-explicit path -> converted ``.npz`` in the cache dir (``$LDM_JAX_CACHE`` or
-``~/.cache/ldm_jax``) -> the ``.pth`` in the cache dir or torch hub's checkpoint dir (where
-pytorch-fid itself downloads it) -> download (unless ``LDM_JAX_OFFLINE=1``) -> one error
-naming the file, its URL and where to put it.
+``create_inception()`` looks for weights like ``ldm_jax.models.lpips.create_lpips`` (both use
+``ldm_jax.weights_cache``): explicit path -> converted ``.npz`` in the cache dir
+(``$LDM_JAX_CACHE`` or ``~/.cache/ldm_jax``) -> the ``.pth`` in the cache dir or torch hub's
+checkpoint dir (where pytorch-fid itself downloads it) -> download (unless
+``LDM_JAX_OFFLINE=1``) -> one error naming the file, its URL and where to put it.
 
 CLI::
 
@@ -34,10 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.convert.lpips_weights import check_keys, save_npz_atomic
+from ldm_jax.convert.lpips_weights import check_keys
 from ldm_jax.convert.torch_pickle import load_torch_state_dict
-from ldm_jax.models import lpips as _lpips
 from ldm_jax.models.inception import FIDInceptionV3, inception_weights
+from ldm_jax.weights_cache import (
+    default_cache_dir,
+    download_if_online,
+    download_notes_lines,
+    find_weights_file,
+    place_hint,
+    save_npz_atomic,
+    store_converted,
+    torch_hub_checkpoints_dir,
+)
 
 __all__ = [
     "FID_WEIGHTS_URL",
@@ -176,14 +185,6 @@ def _from_arrays(arrays: Mapping[str, np.ndarray], dtype) -> FIDInceptionV3:
     return model
 
 
-def _find_source(cache: str) -> str | None:
-    for d in (cache, _lpips._torch_hub_checkpoints_dir()):
-        path = os.path.join(d, INCEPTION_PTH_NAME)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def _missing_message(cache: str, notes: list[str]) -> str:
     pth = os.path.join(cache, INCEPTION_PTH_NAME)
     npz = os.path.join(cache, INCEPTION_NPZ_NAME)
@@ -191,13 +192,12 @@ def _missing_message(cache: str, notes: list[str]) -> str:
         f"FID Inception weights not found. Download {INCEPTION_PTH_NAME} (pytorch-fid's port "
         f"of TensorFlow's inception-2015-12-05) from",
         f"  {FID_WEIGHTS_URL}",
-        f"and place it at {pth} (set $LDM_JAX_CACHE to use another directory); the next run "
-        "converts it automatically, or convert it yourself:",
+        place_hint(f"it at {pth}")
+        + "; the next run converts it automatically, or convert it yourself:",
         f"  python -m ldm_jax.convert.inception_weights {pth} --out {npz}",
-        f"(A copy in torch hub's cache, {_lpips._torch_hub_checkpoints_dir()}, is found too.)",
+        f"(A copy in torch hub's cache, {torch_hub_checkpoints_dir()}, is found too.)",
     ]
-    if notes:
-        lines.append("Automatic download: " + "; ".join(notes) + ".")
+    lines.extend(download_notes_lines(notes))
     lines.append("To evaluate without FID pass --no_fid (python -m ldm_jax.evaluate).")
     return "\n".join(lines)
 
@@ -227,34 +227,26 @@ def create_inception(weights: str | os.PathLike | None = None, *,
             model = _from_arrays(convert_inception_file(path), dtype)
         return model, f"FID Inception: loaded {path}"
 
-    cache = _lpips.default_cache_dir()
+    cache = default_cache_dir()
     npz = os.path.join(cache, INCEPTION_NPZ_NAME)
     if os.path.isfile(npz):
         model = _unloaded(dtype)
         load_inception_params(model, npz)
         return model, f"FID Inception: loaded {npz}"
 
-    src = _find_source(cache)
+    src = find_weights_file(INCEPTION_PTH_NAME, cache)
     notes: list[str] = []
     if src is None:
-        if _lpips._offline():
-            notes.append("skipped (LDM_JAX_OFFLINE is set)")
-        else:
-            src = _lpips._try_download(FID_WEIGHTS_URL, os.path.join(cache, INCEPTION_PTH_NAME), notes)
+        src = download_if_online(FID_WEIGHTS_URL, os.path.join(cache, INCEPTION_PTH_NAME), notes)
     if src is None:
         raise InceptionWeightsMissingError(_missing_message(cache, notes))
     arrays = convert_inception_file(src)
     model = _from_arrays(arrays, dtype)
-    try:
-        save_npz_atomic(arrays, npz)
-        where = f"converted to {npz}"
-    except OSError as e:
-        where = f"not cached ({e})"
-    return model, f"FID Inception: loaded {src} ({where})"
+    return model, f"FID Inception: loaded {src} ({store_converted(arrays, npz)})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_out = os.path.join(_lpips.default_cache_dir(), INCEPTION_NPZ_NAME)
+    default_out = os.path.join(default_cache_dir(), INCEPTION_NPZ_NAME)
     parser = argparse.ArgumentParser(
         prog="python -m ldm_jax.convert.inception_weights",
         description="Convert pytorch-fid's FID Inception weights (.pth) to ldm_jax .npz.",

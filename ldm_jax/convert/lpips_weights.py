@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ldm_jax.convert.torch_pickle import load_torch_state_dict
+from ldm_jax.weights_cache import default_cache_dir, save_npz_atomic
 
 __all__ = [
     "VGG16_LAYERS",
@@ -131,20 +132,6 @@ def convert_lpips_files(vgg16_pth: str, heads_pth: str) -> dict[str, np.ndarray]
     return arrays
 
 
-def save_npz_atomic(arrays: Mapping[str, np.ndarray], out_path: str) -> None:
-    """Write ``arrays`` to ``out_path`` via a temporary file and ``os.replace``."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_lpips_npz(vgg16_pth: str, heads_pth: str, out_path: str) -> dict[str, np.ndarray]:
     """Convert both files and write them atomically to ``out_path``; returns the arrays."""
     arrays = convert_lpips_files(vgg16_pth, heads_pth)
@@ -153,7 +140,7 @@ def write_lpips_npz(vgg16_pth: str, heads_pth: str, out_path: str) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ldm_jax.models.lpips import LPIPS_NPZ_NAME, default_cache_dir
+    from ldm_jax.models.lpips import LPIPS_NPZ_NAME
 
     default_out = os.path.join(default_cache_dir(), LPIPS_NPZ_NAME)
     parser = argparse.ArgumentParser(

@@ -12,19 +12,16 @@ of ``nnx.state(model, nnx.Param)``, out of ``nnx.Optimizer(..., wrt=nnx.Param)``
 ``stop_gradient``. Gradients still flow to the *inputs*, which is what the VAE loss needs.
 
 Weights: ``create_lpips`` finds, converts (``ldm_jax.convert.lpips_weights``) or downloads
-torchvision's ``vgg16-397923af.pth`` and lpips' ``v0.1/vgg.pth`` into ``default_cache_dir()``.
+torchvision's ``vgg16-397923af.pth`` and lpips' ``v0.1/vgg.pth`` into ``default_cache_dir()``
+(the shared weights cache, ``ldm_jax.weights_cache``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
 import os
-import socket
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,9 +37,16 @@ from ldm_jax.convert.lpips_weights import (
     convert_lpips_files,
     convert_lpips_heads,
     convert_vgg16,
-    save_npz_atomic,
 )
 from ldm_jax.convert.torch_pickle import load_torch_state_dict
+from ldm_jax.weights_cache import (
+    default_cache_dir,
+    download_if_online,
+    download_notes_lines,
+    find_weights_file,
+    place_hint,
+    store_converted,
+)
 
 __all__ = [
     "FrozenWeight",
@@ -71,7 +75,6 @@ HEADS_URL = (
     "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 )
 _VGG16_SHA256_PREFIX = "397923af"  # torchvision names its files by sha256 prefix
-_DOWNLOAD_TIMEOUT_S = 10.0
 
 # lpips' ScalingLayer constants: (x - shift) / scale on inputs in [-1, 1].
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -257,23 +260,6 @@ def load_lpips_params(model: LPIPS, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- resolution
 
 
-def default_cache_dir() -> str:
-    """``$LDM_JAX_CACHE`` if set, else ``~/.cache/ldm_jax``."""
-    env = os.environ.get("LDM_JAX_CACHE")
-    return os.path.abspath(os.path.expanduser(env if env else "~/.cache/ldm_jax"))
-
-
-def _offline() -> bool:
-    return os.environ.get("LDM_JAX_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _torch_hub_checkpoints_dir() -> str:
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
-    )
-    return os.path.join(os.path.expanduser(torch_home), "hub", "checkpoints")
-
-
 def _lpips_package_heads() -> str | None:
     """Path of ``weights/v0.1/vgg.pth`` inside an installed ``lpips`` (without importing it)."""
     try:
@@ -290,51 +276,11 @@ def _lpips_package_heads() -> str | None:
 
 
 def _find_vgg16_source(cache: str) -> str | None:
-    for d in (cache, _torch_hub_checkpoints_dir()):
-        path = os.path.join(d, VGG16_PTH_NAME)
-        if os.path.isfile(path):
-            return path
-    return None
+    return find_weights_file(VGG16_PTH_NAME, cache)
 
 
 def _find_heads_source(cache: str) -> str | None:
-    path = os.path.join(cache, HEADS_PTH_NAME)
-    if os.path.isfile(path):
-        return path
-    return _lpips_package_heads()
-
-
-def _download(url: str, dest: str, sha256_prefix: str | None = None) -> str:
-    """Fetch ``url`` to ``dest`` atomically; raises OSError (incl. URLError) on failure."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.tmp-{socket.gethostname()}-{os.getpid()}"
-    log.info("downloading %s -> %s", url, dest)
-    try:
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-        if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
-            raise OSError(f"checksum mismatch for {url} (sha256 {digest.hexdigest()[:8]}...)")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
-
-
-def _try_download(
-    url: str, dest: str, notes: list[str], sha256_prefix: str | None = None
-) -> str | None:
-    """``_download`` that records the failure in ``notes`` and returns None instead."""
-    try:
-        return _download(url, dest, sha256_prefix)
-    except (urllib.error.URLError, OSError, ValueError, TimeoutError) as e:
-        notes.append(f"download of {url} failed ({e})")
-    except Exception as e:  # noqa: BLE001 - any network failure just means "not available"
-        notes.append(f"download of {url} failed ({type(e).__name__}: {e})")
-    return None
+    return find_weights_file(HEADS_PTH_NAME, cache, torch_hub=False) or _lpips_package_heads()
 
 
 def _missing_message(
@@ -354,14 +300,13 @@ def _missing_message(
     lines = [
         "LPIPS pretrained weights not found. Download:",
         *need,
-        f"and place {'it' if len(need) == 1 else 'them'} in {cache} (set $LDM_JAX_CACHE to use "
-        "another directory); the next run converts automatically, or convert yourself:",
+        place_hint(f"{'it' if len(need) == 1 else 'them'} in {cache}")
+        + "; the next run converts automatically, or convert yourself:",
         f"  python -m ldm_jax.convert.lpips_weights --vgg16 {vgg} --heads {heads} --out {out}",
     ]
     if heads_src is not None:
         lines.append(f"(LPIPS heads found at {heads_src}.)")
-    if notes:
-        lines.append("Automatic download: " + "; ".join(notes) + ".")
+    lines.extend(download_notes_lines(notes))
     lines.append(
         "To run without pretrained LPIPS use missing='random' (random VGG) or missing='disable'."
     )
@@ -413,26 +358,18 @@ def create_lpips(
 
     vgg_src, heads_src = _find_vgg16_source(cache), _find_heads_source(cache)
     notes: list[str] = []
-    if vgg_src is None or heads_src is None:
-        if _offline():
-            notes.append("skipped (LDM_JAX_OFFLINE is set)")
-        else:
-            if vgg_src is None:
-                vgg_src = _try_download(
-                    VGG16_URL, os.path.join(cache, VGG16_PTH_NAME), notes, _VGG16_SHA256_PREFIX
-                )
-            if heads_src is None:
-                heads_src = _try_download(HEADS_URL, os.path.join(cache, HEADS_PTH_NAME), notes)
+    if vgg_src is None:
+        vgg_src = download_if_online(
+            VGG16_URL, os.path.join(cache, VGG16_PTH_NAME), notes, _VGG16_SHA256_PREFIX
+        )
+    if heads_src is None:
+        heads_src = download_if_online(HEADS_URL, os.path.join(cache, HEADS_PTH_NAME), notes)
 
     if vgg_src is not None and heads_src is not None:
         arrays = convert_lpips_files(vgg_src, heads_src)
         model = _unloaded_lpips(dtype)
         set_lpips_params(model, arrays)
-        try:
-            save_npz_atomic(arrays, npz)
-            where = f"converted to {npz}"
-        except OSError as e:
-            where = f"not cached ({e})"
+        where = store_converted(arrays, npz)
         return model, f"LPIPS: loaded VGG16 {vgg_src} + heads {heads_src} ({where})"
 
     if missing == "error":
