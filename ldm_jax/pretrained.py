@@ -81,7 +81,22 @@ def _int_keys(tree: Any) -> Any:
 
 
 def _restore_tree(path: str) -> Any:
-    return _int_keys(ocp.StandardCheckpointer().restore(os.path.abspath(path)))
+    """A saved pytree as host numpy arrays, whatever mesh and process count wrote it (orbax
+    refuses a target-less restore across topologies, so the target is the saved metadata
+    on this process's first device)."""
+    path = os.path.abspath(path)
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(m):
+        if hasattr(m, "shape") and hasattr(m, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev)
+        return m
+
+    abstract = jax.tree.map(target, meta, is_leaf=lambda m: hasattr(m, "shape"))
+    return _int_keys(jax.tree.map(np.asarray, ckptr.restore(path, abstract)))
 
 
 def _latest_step_dir(workdir: str) -> str:

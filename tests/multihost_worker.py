@@ -3,11 +3,15 @@
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT SPEC_JSON
 
 Starts ``jax.distributed`` through ``ldm_jax.distributed.maybe_initialize`` on a 127.0.0.1
-coordinator with 4 CPU devices per process (gloo collectives), runs the tiny VAE-GAN's
-``train_and_evaluate`` with the config overrides in the spec, and writes
+coordinator with 4 CPU devices per process (gloo collectives), runs ``train_and_evaluate``
+of ``spec["trainer"]`` (``vae_gan``, default, on ``configs/vae_f8.py:tiny``, or ``ldm`` on
+``configs/ldm_f8.py:tiny``) with the config overrides in the spec, and writes
 ``{"history", "batches", "process_index", "process_count", "device_count"}`` to
 ``<spec["out"]>.<process id>.json``. ``batches`` records, per training step, the stream
-positions and an md5 of every image this process fed to the step.
+positions and an md5 of every image (or cached latent) this process fed to the step.
+With ``spec["sample"] = {"num", "steps", "seed"}`` it then samples from the trained LDM
+with ``ldm_jax.sampling.sample_images`` on all processes and process 0 saves the images
+to ``<spec["out"]>.samples.npy``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from ldm_jax.data import pipeline
-    from ldm_jax.trainers import vae_gan
+    from ldm_jax.trainers import ldm, vae_gan
 
     batches = []
     next_batch = pipeline.TrainIterator.__next__
@@ -49,20 +53,31 @@ def main() -> None:
     def recording_next(self):
         positions = self.positions().tolist()
         batch = next_batch(self)
-        batches.append({"positions": positions,
-                        "md5": [hashlib.md5(x.tobytes()).hexdigest() for x in batch["image"]]})
+        key = "moments" if "moments" in batch else "image"
+        batches.append({"positions": positions, "key": key,
+                        "md5": [hashlib.md5(x.tobytes()).hexdigest() for x in batch[key]]})
         return batch
 
     pipeline.TrainIterator.__next__ = recording_next
 
-    config = config_lib.load_config(os.path.join(REPO, "configs/vae_f8.py:tiny"))
+    trainer = spec.get("trainer", "vae_gan")
+    config_file = {"vae_gan": "configs/vae_f8.py:tiny", "ldm": "configs/ldm_f8.py:tiny"}[trainer]
+    config = config_lib.load_config(os.path.join(REPO, config_file))
     for key, value in spec["overrides"].items():
         node = config
         *path, last = key.split(".")
         for p in path:
             node = node[p]
         node[last] = value
-    result = vae_gan.train_and_evaluate(config, spec["workdir"])
+    result = {"vae_gan": vae_gan, "ldm": ldm}[trainer].train_and_evaluate(config, spec["workdir"])
+    if spec.get("sample"):
+        import numpy as np
+
+        from ldm_jax.sampling import sample_images
+
+        images, _, _ = sample_images(spec["workdir"], **spec["sample"])
+        if jax.process_index() == 0:
+            np.save(f"{spec['out']}.samples.npy", images)
     out = dict(history={str(k): v for k, v in result["history"].items()}, batches=batches,
                process_index=jax.process_index(), process_count=jax.process_count(),
                device_count=jax.device_count(), final_step=result["final_step"])

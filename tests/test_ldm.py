@@ -113,20 +113,39 @@ def test_resume_reproduces_uninterrupted_run(trained, ae_dir, tmp_path):
 
 
 def test_latent_cache_is_built_and_used_with_a_fixed_scale(ae_dir, tmp_path):
+    from ldm_jax.trainers import latent_cache
+
     config = tiny(autoencoder_path=ae_dir, **{"latent.cache": True, "latent.scale_factor": 0.18215})
     result = ldm.train_and_evaluate(config, str(tmp_path))
-    cache = os.path.join(str(tmp_path), "latent_cache", "process_0.npz")
-    with np.load(cache) as f:
-        # 7 embedded training photos, each also mirrored (data.random_flip).
-        assert f["moments"].shape == (14, 8, 8, 8) and sorted(set(f["labels"].tolist())) == list(range(7))
+    cache = latent_cache.LatentCache(latent_cache.cache_dir(str(tmp_path)))
+    # 7 embedded training photos, each also mirrored (data.random_flip): records 0-6 are the
+    # center crops in listing order, 7-13 their mirror images.
+    assert len(cache) == 14 and cache.meta["parts"] == ["part_0-of-1"]
+    assert cache.labels.tolist() == list(range(7)) * 2
+    moments = cache.moments()
+    assert moments.shape == (14, 8, 8, 8) and moments.dtype == np.float16
+    # The cached moments are the frozen encoder's, on the center crops and their mirrors.
+    ae, _, _ = pretrained.load_autoencoder(ae_dir)
+    from ldm_jax import data
+
+    images = np.concatenate([b["image"] for b in data.ordered_batches(
+        config.data, split="train", resolution=32, batch_size=8, num_images=7, keep_remainder=True)])[:7]
+    want = np.asarray(ae.encode_moments(jnp.asarray(np.concatenate([images, images[:, :, ::-1]]))))
+    np.testing.assert_allclose(moments.astype(np.float32), want, atol=2e-2, rtol=2e-3)
     assert all(np.isfinite(m["loss"]) for m in result["history"].values())
     assert float(ldm.load_trained(str(tmp_path)).scale_factor) == pytest.approx(0.18215)
-    mtime = os.path.getmtime(cache)
+    part = os.path.join(cache.directory, "part_0-of-1.moments.npy")
+    mtime = os.path.getmtime(part)
     again = ldm.train_and_evaluate(
         tiny(autoencoder_path=ae_dir, num_train_steps=6, **{"latent.cache": True, "latent.scale_factor": 0.18215}),
         str(tmp_path))
     assert again["start_step"] == 4 and again["final_step"] == 6
-    assert os.path.getmtime(cache) == mtime  # reused, not rebuilt
+    assert os.path.getmtime(part) == mtime  # reused, not rebuilt
+    # A cache of other inputs is refused, not silently trained on.
+    with pytest.raises(ValueError, match="latent cache .* was built from other inputs .*resolution"):
+        ldm.train_and_evaluate(
+            tiny(autoencoder_path=ae_dir, num_train_steps=7, image_resolution=64,
+                 **{"latent.cache": True, "latent.scale_factor": 0.18215}), str(tmp_path))
 
 
 def test_pixel_baseline_trains(tmp_path):

@@ -277,3 +277,108 @@ def test_distributed_detection(monkeypatch):
     assert distributed.detect() == "forced"
     with pytest.raises(ValueError, match="num_processes"):
         distributed.maybe_initialize("127.0.0.1:1", None, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# The LDM trainer and sampling across processes.
+
+LDM_AE = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32)  # f4: 8x8x4 latents
+
+
+def ldm_overrides(mesh: dict, ae_dir: str, **kw) -> dict:
+    """Tiny class-conditional LDM from the latent cache, scale factor from the data."""
+    out = {"autoencoder_path": ae_dir, "latent.cache": True, "latent.scale_factor": 0.0,
+           "model.num_classes": 9, **{f"mesh.{k}": v for k, v in mesh.items()}}
+    out.update(kw)
+    return out
+
+
+def ldm_config(mesh: dict, ae_dir: str, **kw):
+    c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"))
+    for key, value in ldm_overrides(mesh, ae_dir, **kw).items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def ldm_reference(tmp_path_factory):
+    """A tiny autoencoder and the uninterrupted 4-step 8-device LDM run on its latents."""
+    from flax import nnx
+
+    from ldm_jax import pretrained
+    from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm_jax.trainers import ldm
+
+    ae_dir = str(tmp_path_factory.mktemp("ae"))
+    ae = AutoencoderKL(AutoencoderConfig(**LDM_AE), rngs=nnx.Rngs(0))
+    pretrained.save_pretrained(ae_dir, "autoencoder", LDM_AE, nnx.state(ae, nnx.Param), source="test")
+    ref_dir = str(tmp_path_factory.mktemp("ldm_ref"))
+    return ae_dir, ref_dir, ldm.train_and_evaluate(ldm_config(DP, ae_dir), ref_dir)
+
+
+def test_ldm_two_processes_with_cache_and_sampling_then_resume_in_one(ldm_reference, tmp_path):
+    """2 processes x 4 devices (FSDP (2, 4)) build the latent cache together, train 2 LDM
+    steps on it, save, and sample; one 8-device process then samples the same images from
+    that checkpoint, reuses the 2-part cache and continues. Both processes fed disjoint
+    halves of each global batch of the process-count-independent cache stream, and the
+    whole run matches the uninterrupted 8-device run."""
+    from ldm_jax.sampling import sample_images
+    from ldm_jax.trainers import latent_cache, ldm
+
+    ae_dir, ref_dir, ref = ldm_reference
+    workdir = str(tmp_path / "wd")
+    sample = dict(num=8, steps=3, seed=3)
+    spec = dict(trainer="ldm", workdir=workdir, out=str(tmp_path / "result"),
+                cache=jax.config.jax_compilation_cache_dir or "",
+                overrides=ldm_overrides(FSDP, ae_dir, num_train_steps=2), sample=sample)
+    t0 = time.time()
+    r0, r1 = run_processes(2, spec, timeout=600)
+    print(f"2-process LDM run: {time.time() - t0:.0f}s")
+    hist2 = {int(k): v for k, v in r0["history"].items()}
+    for k, v in r1["history"].items():  # one global loss, fetched by both processes
+        assert {m: x for m, x in v.items() if m != "images_per_sec"} == \
+            {m: x for m, x in hist2[int(k)].items() if m != "images_per_sec"}
+    assert sorted(hist2) == [1, 2]
+    for s in (1, 2):
+        for k in ("loss", "grad_norm"):
+            assert hist2[s][k] == pytest.approx(ref["history"][s][k], rel=1e-4), (s, k)
+
+    # The cache: one part per process, each record once, the same latents as the
+    # 1-process reference built (encoded on another mesh: float rounding only).
+    cache = latent_cache.LatentCache(latent_cache.cache_dir(workdir))
+    ref_cache = latent_cache.LatentCache(latent_cache.cache_dir(ref_dir))
+    assert cache.meta["parts"] == ["part_0-of-2", "part_1-of-2"] and len(cache) == len(ref_cache) == 14
+    assert cache.labels.tolist() == ref_cache.labels.tolist()
+    np.testing.assert_allclose(cache.moments().astype(np.float32), ref_cache.moments().astype(np.float32),
+                               atol=1e-2, rtol=1e-2)
+    # Each process's halves of global batches 0 and 1 of the stream one process reads.
+    it = data.create_record_iterator(cache, global_batch_size=8, seed=0, uid=cache.uid)
+    ref_md5 = [[hashlib.md5(x.tobytes()).hexdigest() for x in next(it)["moments"]] for _ in range(2)]
+    it.close()
+    # (The scale factor's first image batch comes from the image stream; skip it.)
+    fed0, fed1 = ([b for b in r["batches"] if b["key"] == "moments"] for r in (r0, r1))
+    assert len(fed0) == len(fed1) == 2
+    for k in range(2):
+        b0, b1 = fed0[k], fed1[k]
+        assert b0["positions"] == list(range(8 * k, 8 * k + 4))
+        assert b1["positions"] == list(range(8 * k + 4, 8 * k + 8))
+        assert b0["md5"] + b1["md5"] == ref_md5[k]
+
+    # Sampling on 2 processes gave what one process gives from the same checkpoint.
+    two = np.load(str(tmp_path / "result.samples.npy"))
+    one, _, _ = sample_images(workdir, **sample)
+    assert two.shape == one.shape == (8, 32, 32, 3)
+    assert np.abs(two.astype(int) - one.astype(int)).max() <= 1
+
+    part = os.path.join(cache.directory, "part_1-of-2.moments.npy")
+    mtime = os.path.getmtime(part)
+    resumed = ldm.train_and_evaluate(ldm_config(DP, ae_dir), workdir)
+    assert resumed["start_step"] == 2 and sorted(resumed["history"]) == [3, 4]
+    for s in (3, 4):
+        for k in ("loss", "grad_norm"):
+            assert resumed["history"][s][k] == pytest.approx(ref["history"][s][k], rel=1e-3), (s, k)
+    assert os.path.getmtime(part) == mtime  # the 2-process cache is reused by 1 process

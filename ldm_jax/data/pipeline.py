@@ -299,6 +299,44 @@ def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, 
                          process_index=index, seed=pseed, num_records=n, source_uid=source.uid)
 
 
+class _RecordAt(grain.transforms.Map):
+    """Stream position -> the record of a random-access source at ``order[position]``."""
+
+    def __init__(self, records, order):
+        self._records, self._order = records, order
+
+    def map(self, position) -> dict[str, Any]:
+        return self._records[int(self._order[int(position)])]
+
+
+def create_record_iterator(records, *, global_batch_size: int, seed: int, uid: str) -> TrainIterator:
+    """The global training stream of ``create_train_iterator`` over ready-made records.
+
+    ``records`` is any random-access source (``len``, ``records[i]`` -> dict of numpy
+    arrays), e.g. a cache of encoded latents; ``uid`` names its content (checked on
+    restore). Positions, shuffling and the per-process slices are exactly those of
+    ``create_train_iterator`` (no decoding or augmentation), so the state restores onto any
+    process count and this process only touches the records of its slice.
+    """
+    b = _local_batch(global_batch_size, "global_batch_size")
+    index, _ = _process_index_count()
+    pseed = _pipeline_seed(seed)
+    n = len(records)
+    if n == 0:
+        raise ValueError(f"{uid}: no records to train on")
+    order = grain.MapDataset.range(n).seed(pseed).shuffle().repeat(None)
+
+    def build(start: int):
+        ds = grain.MapDataset.range(sys.maxsize)
+        ds = ds.map(_LocalToGlobal(start, global_batch_size, b, index))
+        ds = ds.map(_RecordAt(records, order))
+        ds = ds.batch(b, drop_remainder=True)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+    return TrainIterator(build, global_batch_size=global_batch_size, local_batch_size=b,
+                         process_index=index, seed=pseed, num_records=n, source_uid=uid)
+
+
 def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_images: int) -> list[dict]:
     """Deterministic held-out batches: center crop, no flip, no shuffle.
 

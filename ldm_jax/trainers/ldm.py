@@ -21,7 +21,6 @@ import time
 from typing import Any, Callable
 
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +34,7 @@ from ldm_jax import checkpointing, config_lib, data, diffusion, pretrained, shar
 from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
+from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype, global_norm, log_once,
                                      param_count, prepare_workdir, tree_where)
 
@@ -103,7 +103,7 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
 def load_autoencoder(config: ml_collections.ConfigDict):
     """(graphdef, state, AutoencoderConfig, description) of the frozen autoencoder."""
     ae, cfg, where = pretrained.load_autoencoder(
-        os.path.expanduser(config.autoencoder_path), dtype=dtype(config.dtype),
+        os.path.abspath(os.path.expanduser(config.autoencoder_path)), dtype=dtype(config.dtype),
         param_dtype=dtype(config.param_dtype))
     gd, state = nnx.split(ae)
     return gd, state, cfg, where
@@ -264,64 +264,6 @@ def create_train_state(config, mesh, tx, channels: int, scale_factor: float):
     return graphdef, state, shardings
 
 
-class _ArraySource:
-    """grain source over cached posterior moments (and labels)."""
-
-    def __init__(self, moments: np.ndarray, labels: np.ndarray):
-        self._m, self._l = moments, labels
-
-    def __len__(self) -> int:
-        return len(self._m)
-
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        return {"moments": np.asarray(self._m[i], np.float32), "label": np.int32(self._l[i])}
-
-
-def build_latent_cache(config, workdir: str, models: Models, ae_state, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """Encode this process's shard of the training set once (center crop, plus its mirror
-    image when ``data.random_flip``) and keep the posterior moments in
-    ``workdir/latent_cache/process_<i>.npz``; later runs reuse the file."""
-    path = os.path.join(workdir, "latent_cache", f"process_{jax.process_index()}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            return f["moments"], f["labels"]
-    cfg = dict(config.data.to_dict(), random_crop=False, random_flip=False)
-    n_train = len(data.sources.make_source(config.data, "train"))
-    n = min(n_train, config.latent.cache_max_images)
-    batch_sh = sharding.batch_sharding(mesh)
-    enc = jax.jit(lambda st, x: encode(models, st, x), out_shardings=batch_sh)
-    b = config.eval_batch_size
-    ds = data.ordered_batches(ml_collections.ConfigDict(cfg), split="train",
-                              resolution=config.image_resolution, batch_size=b, num_images=n,
-                              keep_remainder=True)
-    moments, labels = [], []
-    for batch in ds:
-        images, k = batch["image"], batch["num_valid"]
-        views = [images, images[:, :, ::-1]] if config.data.random_flip else [images]
-        for v in views:
-            gb = sharding.global_batch({"image": np.ascontiguousarray(v)}, batch_sh)
-            m = enc(ae_state, gb["image"])
-            local = np.concatenate([np.asarray(s.data) for s in
-                                    sorted(m.addressable_shards, key=lambda s: s.index[0].start or 0)])
-            moments.append(local[:k])
-            labels.append(batch["label"][:k])
-    moments_a = np.concatenate(moments).astype(np.float16)
-    labels_a = np.concatenate(labels).astype(np.int32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, moments=moments_a, labels=labels_a)
-    os.replace(tmp, path)
-    log_once(f"latent cache: {len(moments_a)} latents ({moments_a.nbytes / 2**20:.1f} MiB) -> {path}")
-    return moments_a, labels_a
-
-
-def cached_latent_iterator(moments, labels, global_batch_size: int, seed: int):
-    b = global_batch_size // jax.process_count()
-    ds = grain.MapDataset.source(_ArraySource(moments, labels)).seed(seed).shuffle().repeat(None)
-    return iter(ds.to_iter_dataset().batch(b, drop_remainder=True))
-
-
 # ----------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------
@@ -358,9 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     models = Models(unet=None, ae=ae_gd)
     res = config.image_resolution
     if config.latent.cache and config.space == "latent":
-        moments, labels = build_latent_cache(config, workdir, models, ae_state, mesh)
-        train_iter = cached_latent_iterator(moments, labels, config.global_batch_size,
-                                            config.seed * 1000 + jax.process_index())
+        enc = jax.jit(lambda st, x: encode(models, st, x), out_shardings=batch_sh)
+        cache = latent_cache.open_or_build(config, workdir, enc, ae_state, mesh, where)
+        train_iter = data.create_record_iterator(cache, global_batch_size=config.global_batch_size,
+                                                 seed=config.seed, uid=cache.uid)
     else:
         train_iter = data.create_train_iterator(config.data, resolution=res,
                                                 global_batch_size=config.global_batch_size,
@@ -483,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     log.info("step %d eval %s", step, json.dumps(eval_result))
             if step % config.image_every_steps == 0 or last:
                 write_samples(step)
-            stop = preempt.is_set() if (jax.process_count() == 1 or step % config.log_every_steps == 0) else False
+            stop = preempt.should_stop(step, config.log_every_steps)
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 save(step)
             if stop:

@@ -391,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 eval_result = run_eval(step)
                 if is_main:
                     log.info("step %d eval %s", step, json.dumps(eval_result))
-            stop = preempt.is_set() if (jax.process_count() == 1 or step % config.log_every_steps == 0) else False
+            stop = preempt.should_stop(step, config.log_every_steps)
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 save(step)
             if stop:
