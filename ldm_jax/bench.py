@@ -4,6 +4,7 @@
   python -m ldm_jax.bench unet   [--config=configs/ldm_f8.py] [--batch=64] [--steps=20]
   python -m ldm_jax.bench sample [--config=configs/ldm_f8.py] [--batch=16] [--steps=3]  (DDIM-50 + decode)
   python -m ldm_jax.bench unet --flops-only   # analytic FLOPs only: abstract inputs, nothing runs
+  python -m ldm_jax.bench unet --breakdown    # also forward / forward+backward alone, update share
 
 Compiles once (timed), warms up, then times ``--steps`` steps with a device sync at the
 end, and reports images/s, step time, compile time, peak device memory, FLOPs per step
@@ -43,21 +44,6 @@ def _peak_flops(device) -> float | None:
         if name.lower() in kind.lower():
             return peak
     return None
-
-
-def _apply_overrides(config, overrides: dict) -> None:
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        cur = node[last]
-        if isinstance(cur, bool):
-            node[last] = v in ("1", "true", "True")
-        elif isinstance(cur, (tuple, list)):
-            node[last] = tuple(int(x) for x in v.strip("()[]").split(",") if x.strip())
-        else:
-            node[last] = type(cur)(v)
 
 
 FLOPS_SOURCE = ("analytic: ldm_jax.flops over the step's jaxpr (dot_general + "
@@ -170,7 +156,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
 
     config = config_lib.load_config(config_spec)
     config.global_batch_size = batch
-    _apply_overrides(config, overrides)
+    config_lib.set_fields(config, overrides, parse=True)
     config.loss.lpips_missing = "random"
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
@@ -247,7 +233,7 @@ def _ldm_setup(config_spec: str, batch: int, overrides: dict):
     config = config_lib.load_config(config_spec)
     config.global_batch_size = batch
     config.eval_batch_size = batch
-    _apply_overrides(config, overrides)
+    config_lib.set_fields(config, overrides, parse=True)
     mesh = sharding.make_mesh(config.mesh)
     # The autoencoder is built with random weights (same FLOPs), so no path is needed.
     ae_spec = dict(config_lib.vae_base_config().model.to_dict())
@@ -265,7 +251,7 @@ def _with_path(config):
 
 
 def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
-               flops_only: bool = False) -> dict:
+               flops_only: bool = False, breakdown: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -319,10 +305,48 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     times, total = _time(run, steps, warmup)
     m = jax.device_get(carry["acc"].compute())
     n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
-    return _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
-                   counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
-                   params=int(n_params), remat=bool(config.model.remat),
-                   last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+    result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
+                     counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
+                     params=int(n_params), remat=bool(config.model.remat),
+                     last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+    if breakdown:  # after the report, so the step's peak memory is its own
+        result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,
+                                              batch_sh, rep, steps, warmup, result["step_s_median"])
+    return result
+
+
+def _unet_breakdown(models, config, state, batch, state_sh, batch_sh, rep, steps: int, warmup: int,
+                    step_s: float) -> dict:
+    """Median times of the step's parts on the same inputs, each its own jitted call: the
+    loss (forward), the loss and its gradients (forward + backward; the gradients are
+    outputs, as in the step), and, by difference with the whole step, the update (clipping,
+    AdamW, EMA, non-finite guard)."""
+    import jax
+
+    from ldm_jax.trainers import ldm
+
+    loss_fn = ldm.make_loss_fn(models, config, ldm.make_schedule(config))
+    keys = tuple(jax.random.split(jax.random.PRNGKey(0), 4))
+    p_sh, r_sh = state_sh.params, state_sh.rest
+    args = (state.params, state.rest, None, batch, state.scale_factor, keys)
+    in_sh = (p_sh, r_sh, None, batch_sh, rep, rep)
+    fwd = jax.jit(loss_fn, in_shardings=in_sh, out_shardings=rep)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss_fn), in_shardings=in_sh, out_shardings=(rep, p_sh))
+    out = {"step_s": step_s}
+    for name, fn in (("forward_s", fwd), ("forward_backward_s", fwd_bwd)):
+        compiled = fn.lower(*args).compile()
+        res = {}
+
+        def run(compiled=compiled, res=res):
+            res["x"] = compiled(*args)
+            jax.block_until_ready(res["x"])
+
+        t, _ = _time(run, steps, warmup)
+        out[name] = statistics.median(t)
+        res.clear()
+    out["update_s"] = step_s - out["forward_backward_s"]
+    out["update_share"] = out["update_s"] / step_s
+    return out
 
 
 def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
@@ -404,11 +428,19 @@ def main(argv=None) -> None:
     p.add_argument("--flops-only", action="store_true",
                    help="only trace with abstract inputs and report the analytic FLOPs per step "
                         "(no initialisation, compilation or timing)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="unet only: also time the forward and forward + backward alone, and "
+                        "report the update's share of the step")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     fn, config, batch, steps = WORKLOADS[a.workload]
+    kw = {}
+    if a.breakdown:
+        if a.workload != "unet":
+            p.error("--breakdown is for the unet workload")
+        kw["breakdown"] = True
     result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
-                flops_only=a.flops_only)
+                flops_only=a.flops_only, **kw)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

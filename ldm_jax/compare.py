@@ -24,12 +24,6 @@ import sys
 import time
 
 
-def _apply(config, overrides: dict) -> None:
-    from ldm_jax.bench import _apply_overrides
-
-    _apply_overrides(config, overrides)
-
-
 def _peak_memory() -> int | None:
     import jax
 
@@ -46,7 +40,7 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
     config.num_train_steps = steps
     if config.space == "latent":
         config.autoencoder_path = autoencoder_path
-    _apply(config, overrides)
+    config_lib.set_fields(config, overrides, parse=True)
     t0 = time.perf_counter()
     result = ldm.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - t0
@@ -143,7 +137,7 @@ def main(argv=None) -> dict:
                     a.autoencoder_path),
             run_one("pixel", a.pixel_config, os.path.join(a.workdir, "pixel"), a.steps, overrides, "")]
     cfg = config_lib.load_config(a.latent_config)
-    _apply(cfg, overrides)
+    config_lib.set_fields(cfg, overrides, parse=True)
     ev = data.create_eval_batches(cfg.data, resolution=cfg.image_resolution, batch_size=jax.device_count(),
                                   num_images=a.num_reference)
     reference = np.concatenate([b["image"] for b in ev])

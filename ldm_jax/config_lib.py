@@ -184,6 +184,32 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def set_fields(config: ml_collections.ConfigDict, overrides: dict, *, parse: bool = False):
+    """Set dotted fields (``{"model.remat": True, "mesh.fsdp": 4}``) in place; returns ``config``.
+
+    With ``parse``, values are strings (``--set key=value``) converted to the type of the
+    field they replace (bools from 1/true, tuples from "1,2,4", else the field's type)."""
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        try:
+            for p in path:
+                node = node[p]
+            if parse:
+                cur = node[last]
+        except (KeyError, AttributeError) as e:
+            raise ValueError(f"unknown config key {key!r}") from e
+        if parse:
+            if isinstance(cur, bool):
+                value = str(value) in ("1", "true", "True")
+            elif isinstance(cur, (tuple, list)):
+                value = tuple(int(x) for x in str(value).strip("()[]").split(",") if x.strip())
+            else:
+                value = type(cur)(value)
+        node[last] = value
+    return config
+
+
 def _check_keys(cfg: Any, ref: Any, prefix: str) -> list[str]:
     errors = []
     for key in cfg.keys():

@@ -63,12 +63,7 @@ def main() -> None:
     trainer = spec.get("trainer", "vae_gan")
     config_file = {"vae_gan": "configs/vae_f8.py:tiny", "ldm": "configs/ldm_f8.py:tiny"}[trainer]
     config = config_lib.load_config(os.path.join(REPO, config_file))
-    for key, value in spec["overrides"].items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config_lib.set_fields(config, spec["overrides"])
     result = {"vae_gan": vae_gan, "ldm": ldm}[trainer].train_and_evaluate(config, spec["workdir"])
     if spec.get("sample"):
         import numpy as np

@@ -377,9 +377,15 @@ def test_bench_vae_in_process():
 
 
 def test_bench_unet_in_process_and_flops_only():
-    r = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {})
+    r = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, breakdown=True)
     _check_result(r, "unet_step", 8, 2)
     assert r["flops_breakdown"]["attention"] > 0  # the tiny U-Net has an attention level
+    # --breakdown: forward and forward + backward timed alone, the update by difference.
+    parts = r["breakdown"]
+    assert set(parts) == {"step_s", "forward_s", "forward_backward_s", "update_s", "update_share"}
+    assert parts["step_s"] == r["step_s_median"]
+    assert all(np.isfinite(v) for v in parts.values()) and parts["forward_s"] > 0
+    assert parts["update_s"] == pytest.approx(parts["step_s"] - parts["forward_backward_s"])
     # Abstract inputs only: the same count, no timing fields.
     f = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, flops_only=True)
     assert f["flops_per_step"] == r["flops_per_step"]

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from conftest import REPO_ROOT
 from ldm_jax import config_lib
 from ldm_jax.models.autoencoder import AutoencoderConfig
 
@@ -190,3 +191,18 @@ def test_cli_locked_config_rejects_new_attributes():
     c = _parse(f"--config={_path('vae_f8')}:tiny").config
     with pytest.raises(AttributeError):
         c.loss.disc_strat = 3
+
+
+def test_set_fields_dotted_typed_and_unknown():
+    c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"))
+    config_lib.set_fields(c, {"model.remat": True, "mesh.fsdp": 4, "image_resolution": 64})
+    assert c.model.remat is True and c.mesh.fsdp == 4 and c.image_resolution == 64
+    # --set strings take the type of the field they replace.
+    config_lib.set_fields(c, {"model.remat": "false", "model.channel_mult": "1,2,4",
+                              "optim.lr": "3e-4", "global_batch_size": "16"}, parse=True)
+    assert c.model.remat is False and tuple(c.model.channel_mult) == (1, 2, 4)
+    assert c.optim.lr == 3e-4 and c.global_batch_size == 16
+    with pytest.raises(ValueError, match="unknown config key 'modle.remat'"):
+        config_lib.set_fields(c, {"modle.remat": True})
+    with pytest.raises(ValueError, match="unknown config key 'model.remmat'"):
+        config_lib.set_fields(c, {"model.remmat": "1"}, parse=True)

@@ -33,12 +33,7 @@ def ae_dir(tmp_path_factory):
 
 def tiny(spec="configs/ldm_f8.py:tiny", **overrides):
     c = config_lib.load_config(os.path.join(REPO_ROOT, spec))
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config_lib.set_fields(c, overrides)
     return c
 
 

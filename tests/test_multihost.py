@@ -55,12 +55,7 @@ def overrides(mesh: dict, **kw) -> dict:
 
 def config(mesh: dict, **kw):
     c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/vae_f8.py:tiny"))
-    for key, value in overrides(mesh, **kw).items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config_lib.set_fields(c, overrides(mesh, **kw))
     return c
 
 
@@ -295,12 +290,7 @@ def ldm_overrides(mesh: dict, ae_dir: str, **kw) -> dict:
 
 def ldm_config(mesh: dict, ae_dir: str, **kw):
     c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"))
-    for key, value in ldm_overrides(mesh, ae_dir, **kw).items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config_lib.set_fields(c, ldm_overrides(mesh, ae_dir, **kw))
     return c
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import jax
@@ -23,12 +22,7 @@ def tiny_config(**overrides):
     tiny discriminator's near-zero gradients (d_weight ~3000 unclipped)."""
     c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/vae_f8.py:tiny"))
     overrides = {"loss.max_adaptive_weight": 1.0, **overrides}
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config_lib.set_fields(c, overrides)
     return c
 
 

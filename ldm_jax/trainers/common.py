@@ -32,9 +32,14 @@ def tree_where(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+def finite_and_norm(loss, grads) -> tuple[jax.Array, jax.Array]:
+    """``(loss and every gradient element finite, global gradient norm)`` from one reduction
+    over the gradients: a NaN propagates into the sum of squares and an inf squares to inf,
+    so the norm is finite exactly when every element is (and the squares do not overflow
+    fp32: a gradient norm above ~1e19 counts as non-finite, a step to skip anyway). The
+    clipping transform's identical norm computation is merged with this one by XLA."""
+    norm = global_norm(grads)
+    return jnp.isfinite(loss) & jnp.isfinite(norm), norm
 
 
 def abstract_with_shardings(tree, shardings):

@@ -35,8 +35,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype, global_norm, log_once,
-                                     param_count, prepare_workdir, tree_where)
+from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once, param_count,
+                                     prepare_workdir, tree_where)
 
 log = logging.getLogger("ldm_jax")
 
@@ -147,41 +147,50 @@ def decode(models: Models, config, ae_state, z: jax.Array, scale) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 
 
-def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn,
-                    sched: diffusion.Schedule) -> Callable:
+def make_loss_fn(models: Models, config: ml_collections.ConfigDict, sched: diffusion.Schedule) -> Callable:
+    """``(params, rest, ae_state, batch, scale, keys) -> loss``: the training loss of one
+    batch, ``keys = (posterior, loss, dropout, label-dropout)`` PRNG keys."""
     d = config.diffusion
     num_classes = int(config.model.num_classes)
     use_dropout = config.model.dropout > 0
 
-    def step_fn(state: TrainState, ae_state: Any, batch: dict, acc: Any):
-        rng, k_post, k_loss, k_drop, k_lab = jax.random.split(state.rng, 5)
-        x0 = to_latent(models, config, ae_state, batch, k_post, state.scale_factor)
+    def loss_fn(params, rest, ae_state, batch, scale, keys):
+        k_post, k_loss, k_drop, k_lab = keys
+        x0 = to_latent(models, config, ae_state, batch, k_post, scale)
         y = None
         if num_classes:
             y = batch["label"].astype(jnp.int32)
             drop = jax.random.bernoulli(k_lab, d.label_dropout, y.shape)
             y = jnp.where(drop, num_classes, y)
+        unet = nnx.merge(models.unet, params, rest)
+        fn = lambda xt, t: unet(xt, t, y, dropout_key=k_drop if use_dropout else None)  # noqa: E731
+        loss, _ = diffusion.diffusion_loss(sched, fn, x0, k_loss, prediction=d.prediction,
+                                           min_snr_gamma=d.min_snr_gamma)
+        return loss
 
-        def loss_fn(params):
-            unet = nnx.merge(models.unet, params, state.rest)
-            fn = lambda xt, t: unet(xt, t, y, dropout_key=k_drop if use_dropout else None)  # noqa: E731
-            loss, _ = diffusion.diffusion_loss(sched, fn, x0, k_loss, prediction=d.prediction,
-                                               min_snr_gamma=d.min_snr_gamma)
-            return loss
+    return loss_fn
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+
+def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn,
+                    sched: diffusion.Schedule) -> Callable:
+    loss_fn = make_loss_fn(models, config, sched)
+
+    def step_fn(state: TrainState, ae_state: Any, batch: dict, acc: Any):
+        rng, *keys = jax.random.split(state.rng, 5)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.rest, ae_state, batch,
+                                                  state.scale_factor, tuple(keys))
         updates, opt = tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(config, state.step)
         ema = jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32)
                                          + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
                            state.ema_params, params)
-        finite = jnp.isfinite(loss) & all_finite(grads)
+        finite, gnorm = finite_and_norm(loss, grads)
         new = tree_where(finite, dict(params=params, opt=opt, ema_params=ema),
                          dict(params=state.params, opt=state.opt, ema_params=state.ema_params))
         new_state = state.replace(**new, step=state.step + 1, rng=rng,
                                   nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
-        out = dict(loss=loss, grad_norm=global_norm(grads), lr=lr_fn(state.step), ema_decay=decay,
+        out = dict(loss=loss, grad_norm=gnorm, lr=lr_fn(state.step), ema_decay=decay,
                    skipped=(~finite).astype(jnp.float32))
         out = {k: jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) for k, v in out.items()}
         return new_state, acc.merge(TrainMetrics.single_from_model_output(**out))

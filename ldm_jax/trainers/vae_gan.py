@@ -37,8 +37,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import create_lpips
-from ldm_jax.trainers.common import (abstract_with_shardings, all_finite, dtype as _dtype, fresh as _fresh,
-                                     global_norm as _norm, log_once as _log_once, prepare_workdir,
+from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
+                                     log_once as _log_once, prepare_workdir,
                                      tree_where as _tree_where)
 
 log = logging.getLogger("ldm_jax")
@@ -190,8 +190,9 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             gen_params=optax.apply_updates(state.gen_params, gen_upd),
             disc_params=optax.apply_updates(state.disc_params, disc_upd),
             gen_opt=gen_opt, disc_opt=disc_opt, disc_stats=disc_stats, ae_rest=ae_rest)
-        finite = (jnp.isfinite(total) & jnp.isfinite(d_loss)
-                  & all_finite(gen_grads) & all_finite(disc_grads))
+        gen_ok, gen_norm = finite_and_norm(total, gen_grads)
+        disc_ok, disc_norm = finite_and_norm(d_loss, disc_grads)
+        finite = gen_ok & disc_ok
         old = {k: getattr(state, k) for k in candidate}
         new_state = state.replace(
             **_tree_where(finite, candidate, old),
@@ -202,8 +203,8 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             loss=total, nll_loss=nll, rec_loss=rec_mean, p_loss=p_mean, kl_loss=kl, g_loss=g_loss,
             d_loss=d_loss, d_weight=d_weight, disc_factor=factor,
             logvar=state.gen_params["logvar"], logits_real=jnp.mean(logits_real),
-            logits_fake=jnp.mean(logits_fake), gen_grad_norm=_norm(gen_grads),
-            disc_grad_norm=_norm(disc_grads),
+            logits_fake=jnp.mean(logits_fake), gen_grad_norm=gen_norm,
+            disc_grad_norm=disc_norm,
             skipped=(~finite).astype(jnp.float32))
         # Keep non-finite values out of the running averages; `skipped` counts them.
         out = {k: jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) for k, v in out.items()}
