@@ -266,17 +266,10 @@ def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, 
     record of the stream; a dataset smaller than one batch still yields full batches.
     """
     cfg = _validate(data_cfg, resolution)
-    b = _local_batch(global_batch_size, "global_batch_size")
-    index, _ = _process_index_count()
-    pseed = _pipeline_seed(seed)
     source = sources_lib.make_source(data_cfg, "train")
-    n = len(source)
-    order = grain.MapDataset.range(n).seed(pseed).shuffle().repeat(None)  # position -> key
 
-    def build(start: int):
-        ds = grain.MapDataset.range(sys.maxsize)
-        ds = ds.map(_LocalToGlobal(start, global_batch_size, b, index))
-        ds = ds.map(tf_lib.DecodeAt(source, order, resolution, cfg["resize"]))
+    def local_batches(positions, order, pseed: int, b: int):
+        ds = positions.map(tf_lib.DecodeAt(source, order, resolution, cfg["resize"]))
         ds = ds.map(tf_lib.AugmentAt(resolution, cfg["random_crop"], cfg["random_flip"], pseed))
         # Batch before leaving MapDataset land: grain worker processes then take whole local
         # batches (worker w: batches w, w+W, ...), which keeps batch k = elements
@@ -292,11 +285,28 @@ def create_train_iterator(data_cfg, *, resolution: int, global_batch_size: int, 
             ds = ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=cfg["workers"],
                                              per_worker_buffer_size=cfg["prefetch"]))
-        ds = ds.map(_Finalize(source))
-        return iter(ds)
+        return iter(ds.map(_Finalize(source)))
+
+    return _global_stream(len(source), source.uid, global_batch_size, seed, local_batches)
+
+
+def _global_stream(n: int, uid: str, global_batch_size: int, seed: int, local_batches) -> TrainIterator:
+    """The process-count-independent stream over ``n`` records (module docstring): a seeded
+    per-epoch shuffle ``order`` (position -> record) and this process's positions of every
+    global batch. ``local_batches(positions, order, pseed, b)`` turns the ``MapDataset`` of
+    positions, starting where the iterator (re)starts, into an iterator of local batches of
+    ``b = global_batch_size / process_count`` elements."""
+    b = _local_batch(global_batch_size, "global_batch_size")
+    index, _ = _process_index_count()
+    pseed = _pipeline_seed(seed)
+    order = grain.MapDataset.range(n).seed(pseed).shuffle().repeat(None)
+
+    def build(start: int):
+        positions = grain.MapDataset.range(sys.maxsize).map(_LocalToGlobal(start, global_batch_size, b, index))
+        return local_batches(positions, order, pseed, b)
 
     return TrainIterator(build, global_batch_size=global_batch_size, local_batch_size=b,
-                         process_index=index, seed=pseed, num_records=n, source_uid=source.uid)
+                         process_index=index, seed=pseed, num_records=n, source_uid=uid)
 
 
 class _RecordAt(grain.transforms.Map):
@@ -318,23 +328,14 @@ def create_record_iterator(records, *, global_batch_size: int, seed: int, uid: s
     ``create_train_iterator`` (no decoding or augmentation), so the state restores onto any
     process count and this process only touches the records of its slice.
     """
-    b = _local_batch(global_batch_size, "global_batch_size")
-    index, _ = _process_index_count()
-    pseed = _pipeline_seed(seed)
-    n = len(records)
-    if n == 0:
+    if len(records) == 0:
         raise ValueError(f"{uid}: no records to train on")
-    order = grain.MapDataset.range(n).seed(pseed).shuffle().repeat(None)
 
-    def build(start: int):
-        ds = grain.MapDataset.range(sys.maxsize)
-        ds = ds.map(_LocalToGlobal(start, global_batch_size, b, index))
-        ds = ds.map(_RecordAt(records, order))
-        ds = ds.batch(b, drop_remainder=True)
+    def local_batches(positions, order, pseed: int, b: int):
+        ds = positions.map(_RecordAt(records, order)).batch(b, drop_remainder=True)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
-    return TrainIterator(build, global_batch_size=global_batch_size, local_batch_size=b,
-                         process_index=index, seed=pseed, num_records=n, source_uid=uid)
+    return _global_stream(len(records), uid, global_batch_size, seed, local_batches)
 
 
 def create_eval_batches(data_cfg, *, resolution: int, batch_size: int, num_images: int) -> list[dict]:
