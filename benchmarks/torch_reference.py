@@ -48,7 +48,6 @@ the same thing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -83,18 +82,6 @@ def load_config(workload: str, config: str | None, tiny: bool, overrides: dict):
     return spec, c
 
 
-def unet_config(config):
-    """Our ``UNetConfig`` for an LDM config (as ``ldm_jax.trainers.ldm.unet_config``)."""
-    from ldm_jax.models.unet import UNetConfig
-
-    ch = 3 if config.space == "pixel" else config_lib_vae().model.embed_dim
-    m = config.model.to_dict()
-    m["in_channels"] = ch if m["in_channels"] == -1 else m["in_channels"]
-    m["out_channels"] = ch if m["out_channels"] == -1 else m["out_channels"]
-    m["num_classes"] = m["num_classes"] or None
-    return UNetConfig.from_dict(m)
-
-
 def config_lib_vae():
     """The autoencoder ldm_jax.bench uses for the LDM workloads (the SD KL-f8 layout)."""
     from ldm_jax import config_lib
@@ -102,32 +89,15 @@ def config_lib_vae():
     return config_lib.vae_base_config()
 
 
-def latent_shape(config) -> tuple[int, int, int]:
-    r = config.image_resolution
-    if config.space == "pixel":
-        return (r, r, 3)
-    m = config_lib_vae().model
-    f = 2 ** (len(m.ch_mult) - 1)
-    return (r // f, r // f, m.embed_dim)
-
-
-def our_unet_params(cfg) -> int:
-    from ldm_jax.models.unet import count_params
-
-    return int(count_params(cfg))
-
-
 def our_vae_params(model_cfg, disc_cfg) -> tuple[int, int]:
-    import jax
-    import numpy as np
     from flax import nnx
 
     from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm_jax.models.discriminator import NLayerDiscriminator
+    from ldm_jax.trainers.common import param_count
 
     def count(make):
-        m = nnx.eval_shape(make)
-        return int(sum(np.prod(p.shape) for p in jax.tree.leaves(nnx.state(m, nnx.Param))))
+        return param_count(nnx.state(nnx.eval_shape(make), nnx.Param))
 
     ae = count(lambda: AutoencoderKL(AutoencoderConfig.from_dict(model_cfg), rngs=nnx.Rngs(0)))
     disc = count(lambda: NLayerDiscriminator(disc_cfg.in_channels, disc_cfg.ndf, disc_cfg.n_layers,
@@ -465,13 +435,25 @@ def _alphas_cumprod(config):
     return np.cumprod(1.0 - make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end))
 
 
+def unet_setup(config, strict: bool):
+    """The U-Net of an LDM config: ``(our UNetConfig, latent shape, diffusers UNet2DModel,
+    its config, its parameter count, ours)``; the counts are checked (``_check``). The
+    latents are those of the SD KL-f8 autoencoder ldm_jax.bench uses."""
+    from ldm_jax.models.autoencoder import AutoencoderConfig
+    from ldm_jax.models.unet import count_params
+    from ldm_jax.trainers import ldm
+
+    shape = ldm.latent_shape(config, AutoencoderConfig.from_dict(config_lib_vae().model.to_dict()))
+    ucfg = ldm.unet_config(config, shape[-1])
+    unet, dcfg = make_unet(ucfg, shape[0])
+    n, ours = count(unet), int(count_params(ucfg))
+    _check("U-Net", ours, n, strict)
+    return ucfg, shape, unet, dcfg, n, ours
+
+
 def bench_unet(a, r: Runner, spec: str, config) -> dict:
     torch = r.torch
-    ucfg = unet_config(config)
-    shape = latent_shape(config)
-    unet, dcfg = make_unet(ucfg, shape[0])
-    n, ours = count(unet), our_unet_params(ucfg)
-    _check("U-Net", ours, n, a.param_check)
+    _, shape, unet, dcfg, n, ours = unet_setup(config, a.param_check)
     unet = r.to(unet.train())
     params = [p for p in unet.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
@@ -554,11 +536,7 @@ def bench_unet(a, r: Runner, spec: str, config) -> dict:
 
 def bench_sample(a, r: Runner, spec: str, config) -> dict:
     torch = r.torch
-    ucfg = unet_config(config)
-    shape = latent_shape(config)
-    unet, dcfg = make_unet(ucfg, shape[0])
-    n, ours = count(unet), our_unet_params(ucfg)
-    _check("U-Net", ours, n, a.param_check)
+    _, shape, unet, dcfg, n, ours = unet_setup(config, a.param_check)
     latent = config.space == "latent"
     ae = make_autoencoder(config_lib_vae().model) if latent else None
     n_ae = count(ae) if latent else None
@@ -660,12 +638,9 @@ def main(argv=None) -> dict:
         p.error(f"dtype {dtype!r}: only bfloat16 (autocast) and float32 are supported")
     runner = Runner(a, dtype)
     result = BENCH[a.workload](a, runner, spec, config)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    from ldm_jax.bench import print_json
+
+    print_json(result, a.out)
     return result
 
 

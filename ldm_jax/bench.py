@@ -441,11 +441,16 @@ def main(argv=None) -> None:
         kw["breakdown"] = True
     result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
                 flops_only=a.flops_only, **kw)
+    print_json(result, a.out)
+
+
+def print_json(result: dict, out: str | None) -> None:
+    """Print a benchmark result as indented JSON, and write it to ``out`` too if given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

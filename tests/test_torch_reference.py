@@ -130,13 +130,11 @@ def test_full_size_models_match_ours():
     finally:
         sys.path.pop(0)
     from ldm_jax.models.unet import count_params
-    from ldm_jax.trainers import ldm
 
     _, c = tr.load_config("unet", None, False, {})
-    cfg = tr.unet_config(c)
-    assert cfg == ldm.unet_config(c, 4)
-    unet, dcfg = tr.make_unet(cfg, 32)
-    assert tr.count(unet) == count_params(cfg) == 285_714_020
+    cfg, shape, unet, dcfg, n, ours = tr.unet_setup(c, True)
+    assert shape == (32, 32, 4) and cfg.in_channels == cfg.out_channels == 4
+    assert n == ours == tr.count(unet) == count_params(cfg) == 285_714_020
     assert dcfg["block_out_channels"] == [224, 448, 672, 896]
     _, v = tr.load_config("vae", None, False, {})
     ae = tr.make_autoencoder(v.model)
