@@ -5,12 +5,20 @@
   python -m ldm_jax.bench sample [--config=configs/ldm_f8.py] [--batch=16] [--steps=3]  (DDIM-50 + decode)
   python -m ldm_jax.bench unet --flops-only   # analytic FLOPs only: abstract inputs, nothing runs
   python -m ldm_jax.bench unet --breakdown    # also forward / forward+backward alone, update share
+  python -m ldm_jax.bench unet --compile-only [--target h100 [--target-devices 8]] [--dump-hlo F]
+      # compile only (for a GPU model without having one, with --target): XLA's memory
+      # estimate per device, does it fit, and kernel launches / bytes moved per phase
 
 Compiles once (timed), warms up, then times ``--steps`` steps with a device sync at the
 end, and reports images/s, step time, compile time, peak device memory, FLOPs per step
 and MFU against a table of bf16 peaks. Inputs are random images already on the device, so
 the number is the step's own speed, not the input pipeline's. LPIPS uses random VGG
 weights when the real ones are absent: the same FLOPs.
+
+Every result also carries ``memory`` (XLA's buffer assignment: arguments, outputs,
+temporaries, donated aliases, peak estimate per device) and ``kernels`` (launches and
+estimated bytes moved of the optimized program, split into forward / backward / other:
+ldm_jax.hlo_stats), so a timing can be read against the program that produced it.
 
 ``flops_per_step`` is the analytic count of ``ldm_jax.flops`` over the step's jaxpr, for
 the whole step on all devices (dot_general + conv_general_dilated, 2 FLOPs per
@@ -90,6 +98,22 @@ def _abstract(tree, sharding=None):
         x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)
 
 
+def _on_mesh(tree, mesh):
+    """Abstract copies of ``tree``'s arrays, each keeping its sharding if that is on ``mesh``
+    and replicated over ``mesh`` otherwise (so nothing lands on a default device)."""
+    import jax
+
+    from ldm_jax import sharding
+
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if not (isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh):
+            sh = sharding.replicated(mesh)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    return jax.tree.map(one, tree)
+
+
 def _flops_only(workload: str, config_spec: str, config, batch: int, n_dev: int,
                 counted: dict, **extra) -> dict:
     import jax
@@ -97,6 +121,43 @@ def _flops_only(workload: str, config_spec: str, config, batch: int, n_dev: int,
     return dict(workload=workload, config=config_spec, batch=batch, dtype=config.dtype,
                 num_devices=n_dev, jax=jax.__version__, flops_per_step=counted["model_flops"],
                 flops_source=FLOPS_SOURCE, flops_breakdown=_breakdown(counted), **extra)
+
+
+def _abstract_only(workload: str, config_spec: str, config, batch: int, mesh, fn, args,
+                   compile_only: bool, **extra) -> dict:
+    """The result of ``--flops-only`` (trace) or ``--compile-only`` (trace and compile for
+    the mesh's devices, which may be compile-only devices of a GPU model: ``--target``)."""
+    counted = _analytic_flops(fn, *args, strict=True)
+    if compile_only:
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        extra.update(_compiled_stats(compiled, mesh), compile_s=compile_s,
+                     mode="compile-only: nothing ran")
+    return _flops_only(workload, config_spec, config, batch, mesh.size, counted, **extra)
+
+
+def _compiled_stats(compiled, mesh) -> dict:
+    """Kernel launches / bytes moved (ldm_jax.hlo_stats) and XLA's memory estimate of a
+    compiled step, per device, and the device it was compiled for."""
+    from ldm_jax import hlo_stats
+
+    text = compiled.as_text()
+    if _DUMP_HLO:
+        os.makedirs(os.path.dirname(os.path.abspath(_DUMP_HLO)) or ".", exist_ok=True)
+        with open(_DUMP_HLO, "w") as f:
+            f.write(text)
+    dev = mesh.devices.flat[0]
+    out = dict(compiled_for=getattr(dev, "device_kind", str(dev)),
+               memory=hlo_stats.memory_stats(compiled))
+    try:
+        out["kernels"] = hlo_stats.kernel_stats(text)
+    except Exception as e:  # noqa: BLE001  (statistics must not fail a timing run)
+        out["kernels"] = {"failed": f"{type(e).__name__}: {e}"}
+    return out
+
+
+_DUMP_HLO: str | None = None  # set by --dump-hlo
 
 
 def _breakdown(counted: dict) -> dict:
@@ -145,7 +206,7 @@ def _report(workload: str, config_spec: str, config, batch: int, steps: int, tim
 
 
 def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
-              flops_only: bool = False) -> dict:
+              flops_only: bool = False, compile_only: bool = False, devices=None) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -158,7 +219,8 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     config.global_batch_size = batch
     config_lib.set_fields(config, overrides, parse=True)
     config.loss.lpips_missing = "random"
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    flops_only = flops_only or compile_only
     config_lib.validate_vae_config(config, num_devices=mesh.size)
     rep = sharding.replicated(mesh)
     made = {}
@@ -194,9 +256,9 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     if flops_only:
         image = jax.ShapeDtypeStruct((batch, res, res, 3), np.float32, sharding=batch_sh)
         acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
-        counted = _analytic_flops(step, state, lp_state, {"image": image}, acc, strict=True)
-        return _flops_only("vae_gan_step", config_spec, config, batch, mesh.size, counted,
-                           resolution=res)
+        return _abstract_only("vae_gan_step", config_spec, config, batch, mesh, step,
+                              (state, lp_state, {"image": image}, acc), compile_only,
+                              resolution=res)
     rng = np.random.default_rng(0)
     images = [jax.device_put(rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), batch_sh)
               for _ in range(2)]
@@ -220,11 +282,11 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     m = jax.device_get(carry["acc"].compute())
     return _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
                    counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
-                   lpips=msg or "pretrained", last_loss=float(m["loss"]),
+                   **_compiled_stats(compiled, mesh), lpips=msg or "pretrained", last_loss=float(m["loss"]),
                    nan_skipped=float(m["skipped"]))
 
 
-def _ldm_setup(config_spec: str, batch: int, overrides: dict):
+def _ldm_setup(config_spec: str, batch: int, overrides: dict, devices=None):
     import jax
 
     from ldm_jax import config_lib, sharding
@@ -234,7 +296,7 @@ def _ldm_setup(config_spec: str, batch: int, overrides: dict):
     config.global_batch_size = batch
     config.eval_batch_size = batch
     config_lib.set_fields(config, overrides, parse=True)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     # The autoencoder is built with random weights (same FLOPs), so no path is needed.
     ae_spec = dict(config_lib.vae_base_config().model.to_dict())
     if config.space == "latent":
@@ -251,14 +313,16 @@ def _with_path(config):
 
 
 def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
-               flops_only: bool = False, breakdown: bool = False) -> dict:
+               flops_only: bool = False, breakdown: bool = False, compile_only: bool = False,
+               devices=None) -> dict:
     import jax
     import numpy as np
 
     from ldm_jax import sharding
-    from ldm_jax.trainers import ldm
+    from ldm_jax.trainers import common, ldm
 
-    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides)
+    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides, devices)
+    flops_only = flops_only or compile_only
     shape = ldm.latent_shape(config, ae_cfg if config.space == "latent" else None)
     tx, lr_fn = ldm.make_optimizer(config)
     made = {}
@@ -280,12 +344,11 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     if flops_only:
         b = {key: jax.ShapeDtypeStruct((batch, *shape[:2], width), np.float32, sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh)}
-        counted = _analytic_flops(step, state, None, b, _abstract(ldm.TrainMetrics.empty(), rep),
-                                 strict=True)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        return _flops_only("unet_step", config_spec, config, batch, mesh.size, counted,
-                           input_shape=list(shape), params=int(n_params),
-                           remat=bool(config.model.remat))
+        return _abstract_only("unet_step", config_spec, config, batch, mesh, step,
+                              (state, None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
+                              compile_only, input_shape=list(shape),
+                              params=common.param_count(state.params),
+                              remat=bool(config.model.remat))
     rng = np.random.default_rng(0)
     batches = [{key: jax.device_put(rng.normal(size=(batch, *shape[:2], width)).astype(np.float32), batch_sh),
                 "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
@@ -307,7 +370,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
     result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
-                     params=int(n_params), remat=bool(config.model.remat),
+                     **_compiled_stats(compiled, mesh), params=int(n_params), remat=bool(config.model.remat),
                      last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
     if breakdown:  # after the report, so the step's peak memory is its own
         result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,
@@ -350,7 +413,7 @@ def _unet_breakdown(models, config, state, batch, state_sh, batch_sh, rep, steps
 
 
 def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, overrides: dict,
-                 flops_only: bool = False) -> dict:
+                 flops_only: bool = False, compile_only: bool = False, devices=None) -> dict:
     """Time DDIM-N (config.sampling) + decode of ``batch`` images: one jitted call each."""
     import jax
     import numpy as np
@@ -360,7 +423,8 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.trainers import common, ldm
 
-    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides)
+    config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides, devices)
+    flops_only = flops_only or compile_only
     latent = config.space == "latent"
     shape = ldm.latent_shape(config, ae_cfg if latent else None)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -383,15 +447,18 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     models = ldm.Models(unet=gd, ae=ae_gd)
     fn = jax.jit(ldm.make_sample_fn(models, config, ldm.make_schedule(config), (batch, *shape)),
                  out_shardings=batch_sh)
+    s = config.sampling
+    if flops_only:  # the whole chain: the sampler's fori_loop is num_steps U-Net calls
+        args = (*_on_mesh((state.ema_params, state.rest, ae_state), mesh),
+                jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
+                jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh),
+                *_on_mesh((state.scale_factor,), mesh))
+        return _abstract_only("sample_" + s.sampler, config_spec, config, batch, mesh, fn, args,
+                              compile_only, sampler=s.sampler, sampler_steps=int(s.num_steps),
+                              cfg_scale=float(s.cfg_scale), decoded=latent)
     labels = jax.device_put(np.arange(batch, dtype=np.int32) % max(config.model.num_classes, 1), batch_sh)
     args = (state.ema_params, state.rest, ae_state, jax.random.PRNGKey(0), labels, state.scale_factor)
-    # The whole chain: the sampler's fori_loop is a scan of num_steps U-Net calls.
-    counted = _analytic_flops(fn, *args, strict=flops_only)
-    s = config.sampling
-    if flops_only:
-        return _flops_only("sample_" + s.sampler, config_spec, config, batch, mesh.size, counted,
-                           sampler=s.sampler, sampler_steps=int(s.num_steps),
-                           cfg_scale=float(s.cfg_scale), decoded=latent)
+    counted = _analytic_flops(fn, *args)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -406,7 +473,7 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     return _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
                    counted, _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
                    sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-                   output_shape=list(x.shape), finite=bool(np.isfinite(x).all()),
+                   **_compiled_stats(compiled, mesh), output_shape=list(x.shape), finite=bool(np.isfinite(x).all()),
                    decoded=latent, note="random weights: timing only")
 
 
@@ -431,6 +498,16 @@ def main(argv=None) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="unet only: also time the forward and forward + backward alone, and "
                         "report the update's share of the step")
+    p.add_argument("--compile-only", action="store_true",
+                   help="trace and compile with abstract inputs, report XLA's memory estimate "
+                        "and the kernel statistics of the optimized program (nothing runs)")
+    p.add_argument("--target", choices=None, default=None, metavar="GPU",
+                   help="with --compile-only: compile for this GPU model without having one "
+                        "(needs the JAX CUDA plugin): one of " + ", ".join(_gpu_targets()))
+    p.add_argument("--target-devices", type=int, default=1,
+                   help="with --target: number of GPUs on the (one) host to compile for")
+    p.add_argument("--dump-hlo", default=None, metavar="FILE",
+                   help="write the optimized HLO text of the compiled step here")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     fn, config, batch, steps = WORKLOADS[a.workload]
@@ -438,10 +515,40 @@ def main(argv=None) -> None:
     if a.breakdown:
         if a.workload != "unet":
             p.error("--breakdown is for the unet workload")
+        if a.compile_only or a.flops_only:
+            p.error("--breakdown times the step: not with --compile-only / --flops-only")
         kw["breakdown"] = True
+    if a.target:
+        if not a.compile_only:
+            p.error("--target compiles for a GPU this machine may not have: use it with "
+                    "--compile-only")
+        if a.target not in _gpu_targets():
+            p.error(f"--target {a.target!r}: known GPU targets are {', '.join(_gpu_targets())}")
+        from ldm_jax import gpu_targets
+
+        gpu_targets.prepare_environment()
+        try:
+            kw["devices"] = gpu_targets.topology_devices(a.target, a.target_devices)
+        except RuntimeError as e:
+            p.exit(2, f"error: {e}\n")
+    global _DUMP_HLO
+    _DUMP_HLO = a.dump_hlo
     result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
-                flops_only=a.flops_only, **kw)
+                flops_only=a.flops_only, compile_only=a.compile_only, **kw)
+    if a.target:
+        from ldm_jax import gpu_targets
+
+        need = result["memory"].get("peak_bytes_estimate")
+        have = gpu_targets.device_memory_bytes(a.target)
+        result["device_memory_bytes"] = have
+        result["fits_in_device_memory"] = bool(need is not None and need <= have)
     print_json(result, a.out)
+
+
+def _gpu_targets() -> tuple:
+    from ldm_jax import gpu_targets
+
+    return gpu_targets.TARGETS
 
 
 def print_json(result: dict, out: str | None) -> None:

@@ -353,9 +353,21 @@ def _check_result(r: dict, workload: str, batch: int, steps: int) -> None:
     assert r["flops_per_step"] == b["matmul"] + b["attention"] + b["conv"]
     assert 0 < b["conv_valid"] <= b["conv"] and b["unknown_trip_count_loops"] == 0
     assert r["flops_source"].startswith("analytic")
+    _check_compiled(r)
     if r["mfu"] is not None:
         assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s_median"]
                                          / (r["peak_bf16_flops_per_device"] * r["num_devices"]))
+
+
+def _check_compiled(r: dict) -> None:
+    """The compiled program's statistics every result carries (ldm_jax.hlo_stats)."""
+    m, k = r["memory"], r["kernels"]
+    assert r["compiled_for"] == "cpu"
+    assert m["peak_bytes_estimate"] == (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+                                        + m["temp_bytes"] + m["generated_code_bytes"])
+    assert m["argument_bytes"] > 0 and 0 <= m["alias_bytes"] <= m["argument_bytes"]
+    assert k["launches"] == sum(v["launches"] for v in k["by_kind"].values()) > 0
+    assert k["bytes_moved"] == sum(v["bytes"] for v in k["by_phase"].values()) > 0
 
 
 def test_counter_failure_falls_back_to_xla(monkeypatch):
@@ -391,6 +403,22 @@ def test_bench_unet_in_process_and_flops_only():
     assert f["flops_per_step"] == r["flops_per_step"]
     assert f["flops_breakdown"] == r["flops_breakdown"]
     assert "step_s_median" not in f and f["flops_source"] == r["flops_source"]
+    # Compile only: the same program compiled, its memory and kernels, nothing run.
+    c = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, compile_only=True)
+    assert c["flops_per_step"] == r["flops_per_step"] and "step_s_median" not in c
+    _check_compiled(c)
+    assert c["memory"] == r["memory"] and c["kernels"]["launches"] == r["kernels"]["launches"]
+    # A training step has all three phases; the update ("other") reads and writes the
+    # parameters and both Adam moments (fp32 here), EMA too: at least 7 parameter sizes.
+    phases = c["kernels"]["by_phase"]
+    assert all(phases[p]["launches"] > 0 for p in ("forward", "backward", "other"))
+    assert phases["other"]["bytes"] >= 7 * 4 * c["params"]
+
+
+def test_bench_cli_target_needs_compile_only():
+    p = subprocess.run([sys.executable, "-m", "ldm_jax.bench", "unet", "--target", "h100"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--compile-only" in p.stderr
 
 
 def test_bench_sample_cli(tmp_path):
