@@ -224,6 +224,48 @@ def test_group_norm_matches_float64_reference():
     )
 
 
+def test_group_norm_single_pass_statistics_offset_and_constant_groups():
+    """Single-pass (shifted) float32 statistics: as exact as two passes with a mean 1000x
+    the std (plain E[x^2] - E[x]^2 is off by ~1 there), and a constant group gives var 0
+    (never negative: no NaN from the rsqrt)."""
+    gn = GroupNorm(64)
+    _randomize(gn, 6, scale=1.0)
+    x = np.random.default_rng(6).normal(1000.0, 1.0, size=(2, 8, 8, 64)).astype(np.float32)
+    y = np.asarray(gn(jnp.asarray(x)))
+    np.testing.assert_allclose(y, _np_group_norm(x, gn.scale[...], gn.bias[...]), rtol=2e-4, atol=2e-4)
+    const = np.full((1, 4, 4, 64), 7.25, np.float32)
+    y = np.asarray(gn(jnp.asarray(const)))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, np.broadcast_to(gn.bias[...], y.shape), atol=1e-3)
+
+
+def test_group_norm_gradient_matches_two_pass_autodiff():
+    """The written-out backward of the one-pass statistics equals autodiff through the
+    textbook two-pass GroupNorm, for the input and for scale and bias."""
+    gn = GroupNorm(64)
+    _randomize(gn, 7, scale=1.0)
+    x = jnp.asarray(np.random.default_rng(7).normal(3.0, 2.0, size=(2, 4, 5, 64)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(8).normal(size=x.shape), jnp.float32)
+
+    def two_pass(x, scale, bias):
+        xf = x.reshape(2, 4, 5, 32, 2)
+        mean = xf.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 2, 4), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(x.shape)
+        return jnp.sum(jnp.sin(y * scale + bias) * w)
+
+    gd, state = nnx.split(gn)
+
+    def ours(x, state):
+        return jnp.sum(jnp.sin(nnx.merge(gd, state)(x)) * w)
+
+    gx, gstate = jax.grad(ours, argnums=(0, 1))(x, state)
+    got = (gx, gstate["scale"][...], gstate["bias"][...])
+    want = jax.grad(two_pass, argnums=(0, 1, 2))(x, jnp.asarray(gn.scale[...]), jnp.asarray(gn.bias[...]))
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
 def test_group_norm_bf16_output_with_fp32_stats():
     gn = GroupNorm(64, dtype=jnp.bfloat16)
     _randomize(gn, 5, scale=1.0)
