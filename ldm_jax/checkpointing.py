@@ -27,15 +27,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from ldm_jax.data.pipeline import TrainIterator
+from ldm_jax.models import layers
 
 log = logging.getLogger("ldm_jax")
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, max_to_keep: int = 3):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, create: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -44,7 +45,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
         """Save from every process (each writes its shards and its iterator file)."""
-        meta = dict(meta, process_count=jax.process_count())
+        meta = dict(meta, process_count=jax.process_count(), conv_layout=layers.CONV_LAYOUT)
         if _process_independent(data_iterator):
             meta["data_state"] = data_iterator.get_state()
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -60,12 +61,20 @@ class Checkpointer:
         grain file if the checkpoint has one for the current process count, otherwise from
         ``meta["data_state"]`` (process-independent iterators only)."""
         step = int(step)
-        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        hwio = saved_meta.get("conv_layout", "HWIO") != layers.CONV_LAYOUT
+        target = _hwio_target(abstract_state) if hwio else abstract_state
+        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         from_file = data_iterator is not None and os.path.isfile(self._data_file(step))
         if from_file:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         meta = dict(restored["meta"])
+        if hwio:
+            restored = dict(restored, state=_kernels_from_hwio(restored["state"], abstract_state))
+            if jax.process_index() == 0:
+                log.warning("checkpoint %d has HWIO conv kernels (written before the OHWI "
+                            "layout); transposed on load, the next save writes OHWI", step)
         if data_iterator is not None and not from_file:
             saved_by = meta.get("process_count", "?")
             if "data_state" in meta and _process_independent(data_iterator):
@@ -81,6 +90,11 @@ class Checkpointer:
                     "iterator's state is per process; resume with the original process count.")
         return restored["state"], meta
 
+    def meta(self, step: int) -> dict:
+        """The JSON metadata saved with ``step``."""
+        return dict(self.manager.restore(int(step), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
+
     def _data_file(self, step: int) -> str:
         return os.path.join(self.directory, str(step), "data",
                             f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -88,6 +102,42 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_meta(step_dir: str) -> dict:
+    """The JSON metadata of a checkpoint step directory (``.../checkpoints/<step>``)."""
+    step_dir = os.path.abspath(step_dir)
+    ckpt = Checkpointer(os.path.dirname(os.path.dirname(step_dir)), create=False)
+    try:
+        return ckpt.meta(int(os.path.basename(step_dir)))
+    except KeyError as e:
+        raise ValueError(f"checkpoint {step_dir} has no metadata item ('meta'): it was not "
+                         "written by the ldm_jax trainers") from e
+    finally:
+        ckpt.close()
+
+
+def _hwio_target(abstract_state: Any) -> Any:
+    """``abstract_state`` with every conv kernel in the old HWIO shape (replicated)."""
+    def one(path, x):
+        if not layers.is_conv_kernel(path, x):
+            return x
+        o, kh, kw, i = x.shape
+        sh = getattr(x, "sharding", None)
+        rep = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec()) if hasattr(sh, "mesh") else sh
+        return jax.ShapeDtypeStruct((kh, kw, i, o), x.dtype, sharding=rep)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def _kernels_from_hwio(state: Any, abstract_state: Any) -> Any:
+    """Restored HWIO kernels transposed to OHWI, on ``abstract_state``'s shardings."""
+    def one(path, x, want):
+        if not layers.is_conv_kernel(path, want):
+            return x
+        return jax.jit(layers.kernel_from_hwio, out_shardings=want.sharding)(x)
+
+    return jax.tree_util.tree_map_with_path(one, state, abstract_state)
 
 
 def _process_independent(data_iterator: Any) -> bool:

@@ -3,13 +3,17 @@
 A *pretrained directory* is what ``python -m ldm_jax.convert`` writes and what the trainers
 (``init_from``, ``autoencoder_path``) and ``sample.py`` accept::
 
-    DIR/pretrained.json   {"format": "ldm_jax.pretrained/1", "kind": "autoencoder" | "unet",
+    DIR/pretrained.json   {"format": "ldm_jax.pretrained/2", "kind": "autoencoder" | "unet",
                            "config": {architecture fields}, "source": "where it came from", ...}
     DIR/params/           orbax checkpoint of the model's ``nnx.Param`` values (a pure dict)
 
 A *VAE-GAN workdir* (``config.json`` + ``checkpoints/``) is accepted wherever an autoencoder
 is loaded: its latest checkpoint's autoencoder parameters are used. An *LDM workdir* is
 accepted for the U-Net (EMA parameters unless asked otherwise).
+
+Conv kernels are OHWI (``models.layers.CONV_LAYOUT``). Directories of format ``/1`` and
+checkpoints whose metadata has no ``conv_layout`` hold HWIO kernels; they load as before,
+transposed on the way in.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-FORMAT = "ldm_jax.pretrained/1"
+from ldm_jax import checkpointing
+from ldm_jax.models import layers
+
+FORMAT = "ldm_jax.pretrained/2"  # /2: conv kernels OHWI (layers.CONV_LAYOUT); /1 had HWIO
+_HWIO_FORMATS = ("ldm_jax.pretrained/1",)
 KINDS = ("autoencoder", "unet")
 
 
@@ -128,11 +136,16 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
             meta = json.load(f)
         if meta.get("kind") != kind:
             raise PretrainedError(f"{path} holds a {meta.get('kind')!r} model, not a {kind!r}")
-        return meta["config"], _restore_tree(os.path.join(path, "params")), f"pretrained {path}"
+        params = _restore_tree(os.path.join(path, "params"))
+        if meta.get("format") in _HWIO_FORMATS:
+            params = layers.kernels_from_hwio(params)
+        return meta["config"], params, f"pretrained {path}"
     with open(os.path.join(path, "config.json")) as f:
         run_cfg = json.load(f)
     step_dir = _latest_step_dir(path)
     state = _restore_tree(os.path.join(step_dir, "state"))
+    if checkpointing.read_meta(step_dir).get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
+        state = layers.kernels_from_hwio(state)
     if kind == "autoencoder" and what == "vae_gan":
         return run_cfg["model"], state["gen_params"]["ae"], f"VAE-GAN checkpoint {step_dir}"
     if kind == "unet" and what == "ldm":

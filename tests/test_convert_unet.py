@@ -445,18 +445,17 @@ def test_cli_import_export(tmp_path, case):
     _assert_same_params(params2, case["params"])
 
     # An LDM workdir (in/out channels -1 = latent): EMA weights unless --raw.
-    import orbax.checkpoint as ocp
+    from ldm_jax.checkpointing import Checkpointer
 
     work = tmp_path / "work"
     (work / "checkpoints").mkdir(parents=True)
     model_cfg = dict(uw.config_dict(cfg), in_channels=-1, out_channels=-1, num_classes=4)
     (work / "config.json").write_text(json.dumps({"trainer": "ldm", "model": model_cfg}))
     raw = _random_params(cfg, seed=9)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(str(work / "checkpoints" / "3" / "state"),
-               {"ema_params": uw.aw._unflatten(uw.aw._flatten(case["params"])), "params": raw,
-                "step": np.int32(3)})
-    ckptr.wait_until_finished()
+    ckptr = Checkpointer(str(work))
+    ckptr.save(3, {"ema_params": uw.aw._unflatten(uw.aw._flatten(case["params"])), "params": raw,
+                   "step": np.int32(3)}, None, {})
+    ckptr.close()
     for flag, want in (([], case["params"]), (["--raw"], raw)):
         dst = tmp_path / f"ldm{len(flag)}.safetensors"
         with pytest.warns(UserWarning, match="GroupNorm"):

@@ -57,9 +57,10 @@ def _np_group_norm(x, scale, bias, groups: int = 32, eps: float = 1e-6) -> np.nd
     return y * _np(scale) + _np(bias)
 
 
-def _conv_ref(c: nnx.Conv, x, *, stride=1, pad=((1, 1), (1, 1))) -> np.ndarray:
+def _conv_ref(c, x, *, stride=1, pad=((1, 1), (1, 1))) -> np.ndarray:
+    """Our Conv (OHWI kernel) through the HWIO numpy reference."""
     bias = c.bias[...] if c.bias is not None else None
-    return _np_conv(x, c.kernel[...], bias, stride=stride, pad=pad)
+    return _np_conv(x, np.transpose(c.kernel[...], (1, 2, 3, 0)), bias, stride=stride, pad=pad)
 
 
 def _randomize(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
@@ -184,7 +185,7 @@ def test_downsample_asymmetric_pad(hw):
     # Same as PyTorch F.pad(x, (0, 1, 0, 1)) + Conv2d(k=3, s=2, p=0).
     assert y.shape == (2, (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1, 4)
     ref_lax = jax.lax.conv_general_dilated(
-        x, m.conv.kernel[...], (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, m.conv.kernel[...], (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "OHWI", "NHWC")
     ) + m.conv.bias[...]
     np.testing.assert_allclose(y, np.asarray(ref_lax), rtol=1e-5, atol=1e-5)
     ref_np = _conv_ref(m.conv, x, stride=2, pad=((0, 1), (0, 1)))
@@ -293,7 +294,7 @@ def test_resnet_block_shortcut_only_when_channels_change():
     diff = _build(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))
     assert same.nin_shortcut is None
     assert diff.nin_shortcut is not None
-    assert diff.nin_shortcut.kernel[...].shape == (1, 1, 32, 64)
+    assert diff.nin_shortcut.kernel[...].shape == (64, 1, 1, 32)  # OHWI
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 4, 32)), jnp.float32)
     # With the residual branch's last conv zeroed the block is exactly its shortcut.
     for blk in (same, diff):
@@ -462,8 +463,8 @@ def test_discriminator_batchnorm_uses_batch_statistics_and_momentum():
 
 def test_discriminator_init_statistics():
     d = nnx.jit(lambda: NLayerDiscriminator(rngs=nnx.Rngs(3)))()
-    big = np.asarray(d.convs[-1].kernel[...])  # 4x4x256x512: 2M draws
-    assert big.shape == (4, 4, 256, 512)
+    big = np.asarray(d.convs[-1].kernel[...])  # 512x4x4x256 (OHWI): 2M draws
+    assert big.shape == (512, 4, 4, 256)
     assert abs(big.mean()) < 1e-3
     assert abs(big.std() - 0.02) < 5e-4
     for c in [d.conv_in, *d.convs, d.conv_out]:

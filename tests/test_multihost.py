@@ -124,10 +124,10 @@ def test_fsdp_parameter_shardings():
     _, state, _ = vae_gan.create_train_state(c, mesh, vae_gan.make_optimizer(gen_lr, c),
                                              vae_gan.make_optimizer(disc_lr, c))
     ae = state.gen_params["ae"]
-    mid = ae["decoder"]["mid"]["block_1"]["conv1"]["kernel"][...]  # (3, 3, 64, 64): 36864 elements
-    assert mid.shape == (3, 3, 64, 64)
-    assert mid.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
-    assert {s.data.shape for s in mid.addressable_shards} == {(3, 3, 16, 64)}
+    mid = ae["decoder"]["mid"]["block_1"]["conv1"]["kernel"][...]  # (64, 3, 3, 64): 36864 elements
+    assert mid.shape == (64, 3, 3, 64)
+    assert mid.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None, None)
+    assert {s.data.shape for s in mid.addressable_shards} == {(16, 3, 3, 64)}
     norm = ae["decoder"]["mid"]["block_1"]["norm1"]["scale"][...]  # (64,): replicated
     assert norm.sharding.is_fully_replicated and norm.addressable_shards[0].data.shape == (64,)
     # Every leaf of the models and optimizer states follows the rule.

@@ -98,9 +98,10 @@ def test_both_models_change(sharded_run):
 
     assert unchanged(final["gen_params"]["ae"], init["gen_params"]["ae"]) == []
     # The discriminator trains from step index 2 (disc_start) on and every weight moves,
-    # except the output bias: while all logits lie in (-1, 1) the hinge loss gradient
-    # w.r.t. that bias is 0.5 * (-1 + 1) = 0 exactly.
-    assert unchanged(final["disc_params"], init["disc_params"]) == ["['conv_out']['bias']"]
+    # except possibly the output bias: while all logits lie in (-1, 1) the hinge loss
+    # gradient w.r.t. that bias is 0.5 * (-1 + 1) = 0 exactly (whether any logit leaves
+    # that interval in two steps depends on the random init).
+    assert set(unchanged(final["disc_params"], init["disc_params"])) <= {"['conv_out']['bias']"}
     assert float(final["gen_params"]["logvar"]) != float(init["gen_params"]["logvar"])
     assert not np.allclose(jax.tree.leaves(final["disc_stats"])[0], jax.tree.leaves(init["disc_stats"])[0])
 
@@ -257,3 +258,59 @@ def test_init_from_pretrained_autoencoder(tmp_path):
     config.init_from = str(tmp_path / "pre64")
     with pytest.raises(pretrained.PretrainedError, match="shape mismatch"):
         vae_gan.train_and_evaluate(config, str(tmp_path / "run64"))
+
+
+def test_hwio_checkpoints_and_pretrained_dirs_still_load(sharded_run, tmp_path):
+    """Checkpoints and pretrained directories written before the OHWI kernel layout (HWIO
+    kernels, no ``conv_layout`` in the metadata / format ``/1``) restore and load to the
+    same values as their OHWI equivalents: resume, workdir weights and converted dirs."""
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from ldm_jax import pretrained
+    from ldm_jax.models import layers
+
+    workdir, config, _ = sharded_run
+    state, meta = _restore_state(workdir, config)
+    to_hwio = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda p, x: np.transpose(x, (1, 2, 3, 0)) if layers.is_conv_kernel(p, x) else x, tree)
+    n_kernels = sum(layers.is_conv_kernel(p, x) for p, x in
+                    jax.tree_util.tree_flatten_with_path(state)[0])
+    assert n_kernels > 3 * 20  # params, both Adam moments: every conv of AE and D
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    shutil.copy(os.path.join(workdir, "config.json"), old)
+    ck = Checkpointer(old)
+    src = Checkpointer(workdir)
+    step = src.latest_step()
+    src.close()
+    old_meta = {k: v for k, v in meta.items() if k != "conv_layout"}
+    ck.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_hwio(state)),
+                                                  meta=ocp.args.JsonSave(old_meta)), force=True)
+    ck.manager.wait_until_finished()
+    ck.close()
+    # Resume: the HWIO checkpoint restores onto the OHWI abstract state, same values.
+    got, got_meta = _restore_state(old, config)
+    assert "conv_layout" not in got_meta
+    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(state)):
+        assert np.shape(a) == np.shape(b), jax.tree_util.keystr(p)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Workdir weights (sample.py, autoencoder_path, init_from) from both checkpoints.
+    _, new_ae, _ = pretrained.load_params(workdir, "autoencoder")
+    _, old_ae, _ = pretrained.load_params(old, "autoencoder")
+    for a, b in zip(jax.tree.leaves(old_ae), jax.tree.leaves(new_ae)):
+        np.testing.assert_array_equal(a, b)
+    # A pretrained directory of format /1 (HWIO).
+    pre = str(tmp_path / "pre1")
+    pretrained.save_pretrained(pre, "autoencoder", config.model.to_dict(), to_hwio(new_ae))
+    with open(os.path.join(pre, "pretrained.json")) as f:
+        info = json.load(f)
+    assert info["format"] == "ldm_jax.pretrained/2"
+    info["format"] = "ldm_jax.pretrained/1"
+    with open(os.path.join(pre, "pretrained.json"), "w") as f:
+        json.dump(info, f)
+    _, pre_ae, _ = pretrained.load_params(pre, "autoencoder")
+    for a, b in zip(jax.tree.leaves(pre_ae), jax.tree.leaves(new_ae)):
+        np.testing.assert_array_equal(a, b)

@@ -152,7 +152,7 @@ def _np_gn(x, norm, groups):
 
 
 def _np_conv(x, c):
-    k = np.asarray(c.kernel[...], np.float64)
+    k = np.transpose(np.asarray(c.kernel[...], np.float64), (1, 2, 3, 0))  # OHWI -> HWIO
     p = k.shape[0] // 2
     xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     h, w = x.shape[1:3]

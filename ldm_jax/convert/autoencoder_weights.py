@@ -13,7 +13,7 @@ Two PyTorch naming layouts are understood:
   ``query/key/value/proj_attn`` are accepted too), ``conv_norm_out``. Decoder
   ``up_blocks`` run in execution order, i.e. ``up_blocks.k`` is CompVis ``up[L-1-k]``.
 
-Tensors: conv kernels OIHW <-> HWIO; Linear ``(out, in)`` <-> 1x1 conv ``(1, 1, in, out)``;
+Tensors: conv kernels OIHW <-> OHWI (ours); Linear ``(out, in)`` <-> 1x1 conv ``(out, 1, 1, in)``;
 GroupNorm ``weight`` <-> ``scale``. Everything is converted to float32.
 
 Every conversion checks the full set of names and shapes first and raises one
@@ -40,6 +40,7 @@ import numpy as np
 
 from ldm_jax.convert.lpips_weights import check_keys
 from ldm_jax.models.autoencoder import AutoencoderConfig
+from ldm_jax.models.layers import kernel_from_torch, kernel_to_torch
 
 __all__ = [
     "LAYOUTS",
@@ -141,7 +142,7 @@ def _is_attn_projection(path: tuple) -> bool:
 def _torch_shape(path: tuple, shape: tuple, layout: str) -> tuple:
     if str(path[-1]) != "kernel":
         return tuple(shape)
-    kh, kw, cin, cout = shape
+    cout, kh, kw, cin = shape
     if layout == "diffusers" and _is_attn_projection(path):
         return (cout, cin)
     return (cout, cin, kh, kw)
@@ -151,7 +152,7 @@ def _to_torch(path: tuple, value: np.ndarray, layout: str) -> np.ndarray:
     value = np.asarray(value)
     if str(path[-1]) != "kernel":
         return np.ascontiguousarray(value)
-    w = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    w = kernel_to_torch(value)  # OHWI -> OIHW
     if layout == "diffusers" and _is_attn_projection(path):
         w = w[:, :, 0, 0]
     return np.ascontiguousarray(w)
@@ -163,7 +164,7 @@ def _from_torch(path: tuple, value: np.ndarray, our_shape: tuple) -> np.ndarray:
         return np.ascontiguousarray(value.reshape(our_shape))
     if value.ndim == 2:  # Linear (out, in) -> (out, in, 1, 1)
         value = value[:, :, None, None]
-    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    return np.ascontiguousarray(kernel_from_torch(value))  # OIHW -> OHWI
 
 
 # ------------------------------------------------------------------------- our param tree
@@ -806,5 +807,5 @@ def discriminator_from_compvis(sd: Mapping[str, Any], *, prefix: str = "loss.dis
     flat = {}
     for path, key, kind in spec:
         v = sd[key].astype(np.float32)
-        flat[path] = np.ascontiguousarray(v.transpose(2, 3, 1, 0) if kind == "conv" else v)
+        flat[path] = np.ascontiguousarray(kernel_from_torch(v) if kind == "conv" else v)
     return kwargs, _unflatten(flat)

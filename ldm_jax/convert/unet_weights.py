@@ -33,7 +33,7 @@ self-attention blocks (no cross-attention). Two PyTorch naming layouts are under
   ``QKVAttention`` (``[q | k | v]`` blocks of ``C`` rows, heads inside). Splitting needs the
   head count, which the weights do not record: it comes from the config.
 
-Conventions: conv kernels OIHW <-> HWIO, Linear ``(out, in)`` <-> ``(in, out)``, Conv1d
+Conventions: conv kernels OIHW <-> OHWI (ours), Linear ``(out, in)`` <-> ``(in, out)``, Conv1d
 ``(out, in, 1)`` <-> ``(in, out)``, GroupNorm ``weight`` <-> ``scale``, everything float32.
 Class labels: our table has ``num_classes + 1`` rows, the last being the NULL class of
 classifier-free guidance; diffusers' ``num_class_embeds`` and CompVis' ``num_classes`` are
@@ -67,6 +67,7 @@ import numpy as np
 
 from ldm_jax.convert import autoencoder_weights as aw
 from ldm_jax.convert.lpips_weights import check_keys
+from ldm_jax.models.layers import kernel_from_torch, kernel_to_torch
 from ldm_jax.models.unet import UNetConfig
 
 __all__ = [
@@ -211,7 +212,7 @@ def _key_map(cfg: UNetConfig, layout: str, attention_order: str = "legacy"
     def weight_bias(name: str, ours: tuple, kind: str, wleaf: str = "kernel") -> None:
         w = shapes[ours + (wleaf,)]
         if kind == "conv_w":
-            tshape = (w[3], w[2], w[0], w[1])
+            tshape = (w[0], w[3], w[1], w[2])  # ours OHWI -> torch OIHW
         elif kind == "conv1d_w":
             tshape = (w[1], w[0], 1)
         elif kind == "linear_w":
@@ -281,7 +282,7 @@ def _merge_qkv(parts: list[np.ndarray], heads: int, order: str) -> np.ndarray:
 def _from_torch(e: _Entry, v: np.ndarray, order: str) -> list[np.ndarray]:
     """Torch tensor -> our arrays, one per ``e.paths``."""
     if e.kind == "conv_w":
-        return [v.transpose(2, 3, 1, 0)]
+        return [kernel_from_torch(v)]
     if e.kind == "linear_w":
         return [v.T]
     if e.kind == "conv1d_w":
@@ -295,7 +296,7 @@ def _from_torch(e: _Entry, v: np.ndarray, order: str) -> list[np.ndarray]:
 
 def _to_torch(e: _Entry, ours: list[np.ndarray], order: str) -> np.ndarray:
     if e.kind == "conv_w":
-        return ours[0].transpose(3, 2, 0, 1)
+        return kernel_to_torch(ours[0])
     if e.kind == "linear_w":
         return ours[0].T
     if e.kind == "conv1d_w":
@@ -898,8 +899,8 @@ def config_for_params(cfg_dict: Mapping[str, Any], params: Any) -> UNetConfig:
     which fix the channels."""
     d = dict(cfg_dict)
     flat = aw._flatten(params)
-    for key, path, axis in (("in_channels", ("conv_in", "kernel"), 2),
-                            ("out_channels", ("conv_out", "kernel"), 3)):
+    for key, path, axis in (("in_channels", ("conv_in", "kernel"), 3),
+                            ("out_channels", ("conv_out", "kernel"), 0)):
         if int(d.get(key, -1)) == -1:
             if path not in flat:
                 raise ValueError(f"{key} is -1 and the params have no {'/'.join(path)}")

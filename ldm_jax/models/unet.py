@@ -69,7 +69,7 @@ Parameter paths (ours -> diffusers ``state_dict`` keys)::
   <R>: norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut (same names)
   <A>: group_norm, to_q, to_k, to_v, to_out        group_norm, to_q, to_k, to_v, to_out.0
 
-Layouts: conv ``kernel`` is HWIO (torch OIHW: ``w.transpose(2, 3, 1, 0)``); ``Linear.kernel``
+Layouts: conv ``kernel`` is OHWI (torch OIHW: ``w.transpose(0, 2, 3, 1)``; see layers); ``Linear.kernel``
 is (in, out) (torch (out, in): ``w.T``); GroupNorm ``scale`` is torch ``weight``. Like
 diffusers, ``up_blocks[0]`` is the deepest (lowest-resolution) level.
 

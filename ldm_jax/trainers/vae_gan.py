@@ -36,6 +36,7 @@ from ldm_jax import checkpointing, config_lib, data, losses, metrics, pretrained
 from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
                                      log_once as _log_once, prepare_workdir,
@@ -103,7 +104,7 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.Gradie
 def _last_layer_head(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
         h.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        dimension_numbers=CONV_DIMENSION_NUMBERS)
     return y + bias.astype(jnp.float32)
 
 
