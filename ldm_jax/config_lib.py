@@ -370,6 +370,7 @@ def ldm_base_config() -> ml_collections.ConfigDict:
         norm_eps=1e-5,
         norm_groups=32,
         remat=False,
+        attention_impl="auto",  # "auto" | "xla" | "cudnn" (flash attention, CUDA GPUs)
     ))
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="scaled_linear",

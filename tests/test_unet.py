@@ -91,6 +91,7 @@ def test_config_from_dict_and_validation():
         (dict(in_channels=-1), "in_channels"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_res_blocks=0), "num_res_blocks"),
+        (dict(attention_impl="flash"), "attention_impl"),
     ]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -196,6 +197,14 @@ def test_attention_matches_numpy():
     o = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(2, 9, 16)
     ref = x + lin(blk.to_out, o).reshape(x.shape)
     np.testing.assert_allclose(blk(jnp.asarray(x, jnp.float32)), ref, rtol=1e-4, atol=1e-4)
+    # attention_impl: "xla" names the path "auto" takes here; "cudnn" is passed through to
+    # jax (which refuses it without a CUDA GPU).
+    blk.impl = "xla"
+    np.testing.assert_allclose(blk(jnp.asarray(x, jnp.float32)), ref, rtol=1e-4, atol=1e-4)
+    blk.impl = "cudnn"
+    if jax.default_backend() == "cpu":
+        with pytest.raises(RuntimeError, match="cuDNN"):
+            blk(jnp.asarray(x, jnp.bfloat16))
 
 
 def test_downsample_pads_symmetrically():
