@@ -82,6 +82,22 @@ def test_vgg_pools_like_torch_on_odd_sizes(random_lpips):
     ]
 
 
+def test_max_pool_and_its_gradient_match_reduce_window():
+    """The reshape-max pool equals reduce_window's 2x2/2 max pool on odd and even sizes, and
+    so does its gradient where the maximum is unique (continuous random input)."""
+    def reference(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    rng = np.random.default_rng(0)
+    for shape in ((2, 8, 6, 3), (1, 7, 5, 4)):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        w = jnp.asarray(rng.normal(size=reference(x).shape), jnp.float32)
+        np.testing.assert_array_equal(L._max_pool_2x2(x), reference(x))
+        g = jax.grad(lambda v: jnp.sum(L._max_pool_2x2(v) * w))(x)
+        np.testing.assert_array_equal(g, jax.grad(lambda v: jnp.sum(reference(v) * w))(x))
+        assert int((g != 0).sum()) == w.size  # one input per window receives the gradient
+
+
 def test_frozen_weights_are_not_params(random_lpips):
     class WithLoss(nnx.Module):
         def __init__(self, lp: L.LPIPS):

@@ -119,10 +119,17 @@ class _FrozenConv3x3(nnx.Module):
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
-    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
-    )
+    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped.
+
+    A max over a reshape, not ``reduce_window``: the gradient (LPIPS back-propagates to
+    the reconstruction every VAE-GAN step) is then an elementwise select that XLA fuses,
+    where ``reduce_window``'s is a ``select_and_scatter`` kernel of its own per pool. On a
+    tie the gradient is shared among the tied inputs instead of going to the first (both
+    are subgradients; after a ReLU a tie is almost always at 0, where ReLU passes none).
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class VGG16Features(nnx.Module):
