@@ -98,22 +98,6 @@ def _abstract(tree, sharding=None):
         x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)
 
 
-def _on_mesh(tree, mesh):
-    """Abstract copies of ``tree``'s arrays, each keeping its sharding if that is on ``mesh``
-    and replicated over ``mesh`` otherwise (so nothing lands on a default device)."""
-    import jax
-
-    from ldm_jax import sharding
-
-    def one(x):
-        sh = getattr(x, "sharding", None)
-        if not (isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh):
-            sh = sharding.replicated(mesh)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-
-    return jax.tree.map(one, tree)
-
-
 def _flops_only(workload: str, config_spec: str, config, batch: int, n_dev: int,
                 counted: dict, **extra) -> dict:
     import jax
@@ -439,7 +423,7 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     made = {}
 
     def make_state():
-        made["gd"], st, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
+        made["gd"], st, made["sh"] = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
         return st
 
     state = jax.eval_shape(make_state) if flops_only else make_state()
@@ -449,10 +433,12 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
                  out_shardings=batch_sh)
     s = config.sampling
     if flops_only:  # the whole chain: the sampler's fori_loop is num_steps U-Net calls
-        args = (*_on_mesh((state.ema_params, state.rest, ae_state), mesh),
+        sh = made["sh"]  # the train state's shardings (FSDP), as in the timing run
+        args = (common.abstract_with_shardings(state.ema_params, sh.ema_params),
+                common.abstract_with_shardings(state.rest, sh.rest), _abstract(ae_state, rep),
                 jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
                 jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh),
-                *_on_mesh((state.scale_factor,), mesh))
+                _abstract(state.scale_factor, rep))
         return _abstract_only("sample_" + s.sampler, config_spec, config, batch, mesh, fn, args,
                               compile_only, sampler=s.sampler, sampler_steps=int(s.num_steps),
                               cfg_scale=float(s.cfg_scale), decoded=latent)
@@ -483,6 +469,8 @@ WORKLOADS = {"vae": (bench_vae, "configs/vae_f8.py", 8, 20),
 
 
 def main(argv=None) -> None:
+    from ldm_jax import gpu_targets  # jax-free until a topology is asked for
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=sorted(WORKLOADS))
     p.add_argument("--config", default=None, help="config file[:variant] (default per workload)")
@@ -501,9 +489,9 @@ def main(argv=None) -> None:
     p.add_argument("--compile-only", action="store_true",
                    help="trace and compile with abstract inputs, report XLA's memory estimate "
                         "and the kernel statistics of the optimized program (nothing runs)")
-    p.add_argument("--target", choices=None, default=None, metavar="GPU",
+    p.add_argument("--target", default=None, choices=gpu_targets.TARGETS,
                    help="with --compile-only: compile for this GPU model without having one "
-                        "(needs the JAX CUDA plugin): one of " + ", ".join(_gpu_targets()))
+                        "(needs the JAX CUDA plugin)")
     p.add_argument("--target-devices", type=int, default=1,
                    help="with --target: number of GPUs on the (one) host to compile for")
     p.add_argument("--dump-hlo", default=None, metavar="FILE",
@@ -522,10 +510,6 @@ def main(argv=None) -> None:
         if not a.compile_only:
             p.error("--target compiles for a GPU this machine may not have: use it with "
                     "--compile-only")
-        if a.target not in _gpu_targets():
-            p.error(f"--target {a.target!r}: known GPU targets are {', '.join(_gpu_targets())}")
-        from ldm_jax import gpu_targets
-
         gpu_targets.prepare_environment()
         try:
             kw["devices"] = gpu_targets.topology_devices(a.target, a.target_devices)
@@ -536,19 +520,11 @@ def main(argv=None) -> None:
     result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
                 flops_only=a.flops_only, compile_only=a.compile_only, **kw)
     if a.target:
-        from ldm_jax import gpu_targets
-
         need = result["memory"].get("peak_bytes_estimate")
         have = gpu_targets.device_memory_bytes(a.target)
         result["device_memory_bytes"] = have
         result["fits_in_device_memory"] = bool(need is not None and need <= have)
     print_json(result, a.out)
-
-
-def _gpu_targets() -> tuple:
-    from ldm_jax import gpu_targets
-
-    return gpu_targets.TARGETS
 
 
 def print_json(result: dict, out: str | None) -> None:

@@ -61,17 +61,17 @@ class Checkpointer:
         grain file if the checkpoint has one for the current process count, otherwise from
         ``meta["data_state"]`` (process-independent iterators only)."""
         step = int(step)
-        saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        hwio = saved_meta.get("conv_layout", "HWIO") != layers.CONV_LAYOUT
+        meta = self.meta(step)  # first: it says which kernel layout the state has
+        hwio = meta.get("conv_layout", "HWIO") != layers.CONV_LAYOUT
         target = _hwio_target(abstract_state) if hwio else abstract_state
-        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.StandardRestore(target))
         from_file = data_iterator is not None and os.path.isfile(self._data_file(step))
         if from_file:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        meta = dict(restored["meta"])
+        state = restored["state"]
         if hwio:
-            restored = dict(restored, state=_kernels_from_hwio(restored["state"], abstract_state))
+            state = _kernels_from_hwio(state, abstract_state)
             if jax.process_index() == 0:
                 log.warning("checkpoint %d has HWIO conv kernels (written before the OHWI "
                             "layout); transposed on load, the next save writes OHWI", step)
@@ -88,7 +88,7 @@ class Checkpointer:
                     f"checkpoint {step} in {self.directory} has no data iterator state for "
                     f"{jax.process_count()} process(es) (written by {saved_by}), and this data "
                     "iterator's state is per process; resume with the original process count.")
-        return restored["state"], meta
+        return state, meta
 
     def meta(self, step: int) -> dict:
         """The JSON metadata saved with ``step``."""

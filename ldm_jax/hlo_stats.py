@@ -142,7 +142,38 @@ _UNARY = frozenset({"bitcast", "convert", "reshape", "copy", "negate", "abs", "e
                     "log", "tanh", "logistic", "sqrt", "rsqrt"})
 
 
-def _operand_bytes(ins: dict, sizes: dict, comps: dict) -> int:
+def _sliced_params(body: list[dict]) -> dict[int, int]:
+    """``{parameter index: bytes read}`` of a fused computation's parameters that are only
+    sliced (directly, or after unary conversions): they cost the slices' sizes."""
+    uses: dict = collections.defaultdict(list)
+    for f in body:
+        for o in f["operands"]:
+            uses[o].append(f)
+
+    def slice_read(name: str, depth: int = 0) -> int | None:
+        if not uses[name] or depth > 8:
+            return None
+        total = 0
+        for u in uses[name]:
+            if u["op"] in _SLICES and u["operands"][0] == name:
+                total += shape_bytes(u["shape"])
+            elif u["op"] in _UNARY and len(u["operands"]) == 1:
+                inner = slice_read(u["name"], depth + 1)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
+    out = {}
+    for f in body:
+        if f["op"] == "parameter" and (read := slice_read(f["name"])) is not None:
+            out[f["index"]] = read
+    return out
+
+
+def _operand_bytes(ins: dict, sizes: dict, comps: dict, sliced_cache: dict) -> int:
     """Bytes a kernel reads: each operand's size, except an operand that is only sliced
     (a ``slice`` op, or a fusion parameter whose every use is a slice, possibly after
     unary conversions), which costs the slices' sizes."""
@@ -151,35 +182,25 @@ def _operand_bytes(ins: dict, sizes: dict, comps: dict) -> int:
     sliced = {}
     if ins["op"] == "fusion":
         callee = re.search(r"calls=%?([\w.\-]+)", ins["attrs"])
-        body = comps.get(callee.group(1), []) if callee else []
-        params = {f["name"]: f["index"] for f in body if f["op"] == "parameter"}
-        uses: dict = collections.defaultdict(list)
-        for f in body:
-            for o in f["operands"]:
-                uses[o].append(f)
-
-        def slice_read(name: str, depth: int = 0) -> int | None:
-            """Bytes read of ``name`` if it is only sliced (through unary conversions)."""
-            if not uses[name] or depth > 8:
-                return None
-            total = 0
-            for u in uses[name]:
-                if u["op"] in _SLICES and u["operands"][0] == name:
-                    total += shape_bytes(u["shape"])
-                elif u["op"] in _UNARY and len(u["operands"]) == 1:
-                    inner = slice_read(u["name"], depth + 1)
-                    if inner is None:
-                        return None
-                    total += inner
-                else:
-                    return None
-            return total
-
-        for name, i in params.items():
-            read = slice_read(name)
-            if read is not None:
-                sliced[i] = read
+        if callee:
+            name = callee.group(1)
+            if name not in sliced_cache:
+                sliced_cache[name] = _sliced_params(comps.get(name, []))
+            sliced = sliced_cache[name]
     return sum(sliced.get(i, sizes.get(o, 0)) for i, o in enumerate(ins["operands"]))
+
+
+def _callees(ins: dict) -> list[str]:
+    """Computations a ``while`` / ``call`` / ``conditional`` runs."""
+    attrs = ins["attrs"]
+    if ins["op"] == "while":
+        return re.findall(r"(?:condition|body)=%?([\w.\-]+)", attrs)
+    if ins["op"] == "call":
+        return re.findall(r"to_apply=%?([\w.\-]+)", attrs)
+    branches = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+    if branches:
+        return re.findall(r"%?([\w.\-]+)", branches.group(1))
+    return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
 
 
 def kernel_stats(hlo_text: str) -> dict[str, Any]:
@@ -189,6 +210,7 @@ def kernel_stats(hlo_text: str) -> dict[str, Any]:
     by_phase: dict = collections.defaultdict(lambda: [0, 0])
     notes: list[str] = []
     loops = []
+    sliced_cache: dict = {}
 
     def walk(comp: str, mult: int, depth: int) -> None:
         if depth > 32:
@@ -198,12 +220,6 @@ def kernel_stats(hlo_text: str) -> dict[str, Any]:
             sizes[ins["name"]] = shape_bytes(ins["shape"])
             op = ins["op"]
             if op in CONTROL_OPS:
-                callees = re.findall(r"(?:body|calls|to_apply|branch_computations=\{[^}]*|"
-                                     r"true_computation|false_computation)=%?([\w.\-]+)",
-                                     ins["attrs"])
-                if op == "conditional":
-                    callees = re.findall(r"%([\w.\-]+)", ins["attrs"].split("branch_computations=")[-1]
-                                         .split("}")[0]) or callees
                 n = 1
                 if op == "while":
                     trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins["attrs"])
@@ -212,15 +228,12 @@ def kernel_stats(hlo_text: str) -> dict[str, Any]:
                     else:
                         notes.append(f"while {ins['name']}: unknown trip count, body counted once")
                     loops.append({"name": ins["name"], "trip_count": n if trip else None})
-                    cond = re.search(r"condition=%?([\w.\-]+)", ins["attrs"])
-                    if cond:
-                        walk(cond.group(1), mult * n, depth + 1)
-                for callee in dict.fromkeys(callees):
+                for callee in dict.fromkeys(_callees(ins)):
                     walk(callee, mult * n, depth + 1)
                 continue
             if op in FREE_OPS:
                 continue
-            moved = sizes[ins["name"]] + _operand_bytes(ins, sizes, comps)
+            moved = sizes[ins["name"]] + _operand_bytes(ins, sizes, comps, sliced_cache)
             for table, key in ((by_kind, _kind(ins)), (by_phase, _phase(ins["attrs"]))):
                 table[key][0] += mult
                 table[key][1] += mult * moved

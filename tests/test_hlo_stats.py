@@ -52,6 +52,14 @@ def test_loop_body_counted_trip_count_times():
     assert (s14["bytes_moved"] - s7["bytes_moved"]) / 7 >= 8000
 
 
+def test_conditional_branches_are_walked():
+    f = lambda p, x: jax.lax.cond(p, lambda v: jnp.sin(v) * 2, lambda v: jnp.cos(v) + 1, x)  # noqa: E731
+    s, _ = _stats(f, True, jnp.zeros(1000))
+    # The predicate's conversion, then one fused kernel per branch (each reads and writes
+    # 1000 floats): both branches are counted, since either may run.
+    assert s["launches"] == 3 and s["bytes_moved"] >= 2 * 8000
+
+
 def test_forward_backward_phases_of_a_gradient():
     def loss(w, x):
         return jnp.sum(jnp.tanh(x @ w) ** 2)
