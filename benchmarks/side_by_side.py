@@ -27,6 +27,20 @@ for the full configs on a GPU; on ``--tiny`` / CPU the verdicts are printed but 
 applicable. The report is rewritten after every run, so a run cut short still leaves
 everything finished so far; ``--from-report`` takes runs from earlier reports (they are not
 run again), which lets one spread the runs over several commands and merge them.
+
+For a short GPU session (one device command of a few minutes) the compiles are the cost:
+``--prewarm`` first runs every JAX run and every ``torch.compile`` run once (one step, no
+warm-up) ``--jobs`` at a time, concurrently, with persistent caches (JAX's compilation cache
+and Inductor's, under ``--cache-dir``); the timed runs then follow one after another and load
+their programs from the caches. A run's cold compile time is its warm-up run's figure
+(``cold_compile_s`` in the report; measured while other compiles ran beside it). XLA
+autotunes on the device during that concurrent phase, so its algorithm choices were timed
+with other processes on the GPU; ``--jobs 1`` keeps the compiles apart (slower).
+``--deadline`` (seconds for the whole command) skips runs that would start too late and
+caps each run's timeout, so the report is complete before an outer time limit; the timed
+runs go in order of importance: each workload's JAX and torch.compile runs, then the eager
+runs, then the ``--jax-variant`` runs (extra JAX configurations of one workload, e.g.
+``unet:cudnn:--set model.attention_impl=cudnn``, reported against the default JAX run).
 """
 
 from __future__ import annotations
@@ -42,7 +56,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -77,11 +93,19 @@ def _tail(path: str, n: int = 4000) -> str:
         return ""
 
 
+_PRINT = threading.Lock()
+
+
+def _say(msg: str) -> None:
+    with _PRINT:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def run_one(cmd: list[str], out_json: str, log: str, timeout: float, env: dict) -> dict:
     """Run ``cmd`` in its own process group; its JSON result, or an error record."""
     if os.path.exists(out_json):
         os.remove(out_json)
-    print("+ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    _say("+ " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -99,7 +123,7 @@ def run_one(cmd: list[str], out_json: str, log: str, timeout: float, env: dict) 
         result["wall_s"] = wall
         return result
     why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
-    print(f"  failed ({why}); log {log}:\n{_tail(log, 2000)}", file=sys.stderr, flush=True)
+    _say(f"  failed ({why}); log {log}:\n{_tail(log, 2000)}")
     return {"error": why, "wall_s": wall, "command": cmd, "log_tail": _tail(log)}
 
 
@@ -119,7 +143,8 @@ def _ratio(a, b):
     return a / b if (a is not None and b) else None
 
 
-def build_rows(runs: dict, applicable: bool) -> list[dict]:
+def build_rows(runs: dict, applicable: bool, warm: dict | None = None) -> list[dict]:
+    warm = warm or {}
     rows = []
     for w in ORDER:
         j = runs.get(run_key("jax", w))
@@ -139,6 +164,11 @@ def build_rows(runs: dict, applicable: bool) -> list[dict]:
                            for k, r in (("jax", j), ("eager", te), ("compile", tc))},
             compile_s={k: (r.get("compile_s") if _ok(r) else None)
                        for k, r in (("jax", j), ("eager", te), ("compile", tc))},
+            # From --prewarm's one-step runs (empty caches, other compiles beside them).
+            cold_compile_s={k: (warm[key].get("compile_s") if _ok(warm.get(key)) else None)
+                            for k, key in (("jax", run_key("jax", w)),
+                                           ("compile", run_key("torch", w, "compile")))},
+            jax_compile_cache=j.get("compile_cache") if _ok(j) else None,
             ratio_jax_over_eager=_ratio(ips["jax"], ips["eager"]),
             ratio_jax_over_compile=vs_compile,
             target_speed_vs_compile=tgt["speed"], speed_target_met=speed_met,
@@ -162,6 +192,31 @@ def build_rows(runs: dict, applicable: bool) -> list[dict]:
         met = [row["speed_target_met"]] + ([row["memory_target_met"]] if tgt["memory"] else [])
         row["all_targets_met"] = None if any(m is None for m in met) else all(met)
         rows.append(row)
+    return rows
+
+
+def variant_key(workload: str, label: str) -> str:
+    return run_key("jax", workload, label)
+
+
+def build_variant_rows(runs: dict) -> list[dict]:
+    """Extra JAX runs (``--jax-variant``): ``jax:WORKLOAD:LABEL`` against ``jax:WORKLOAD``
+    (and against torch.compile where that ran)."""
+    rows = []
+    for key, r in runs.items():
+        parts = key.split(":")
+        if parts[0] != "jax" or len(parts) != 3 or parts[1] not in ORDER:
+            continue
+        w, label = parts[1], parts[2]
+        base, tc = runs.get(run_key("jax", w)), runs.get(run_key("torch", w, "compile"))
+        rows.append(dict(
+            workload=w, name=LABELS[w], label=label, args=r.get("variant_args"),
+            batch=r.get("batch") if _ok(r) else None, images_per_s=_ips(r),
+            step_s_median=r.get("step_s_median") if _ok(r) else None, peak_memory_bytes=_mem(r),
+            ratio_over_default_jax=_ratio(_ips(r), _ips(base)),
+            ratio_over_compile=_ratio(_ips(r), _ips(tc)),
+            breakdown=r.get("breakdown") if _ok(r) else None,
+            failed=not _ok(r), error=None if _ok(r) else r.get("error")))
     return rows
 
 
@@ -202,15 +257,27 @@ def markdown(report: dict) -> str:
             f"{_gb(mem['jax'])} / {_gb(mem['eager'])} / {_gb(mem['compile'])} | {memv} |")
     lines += ["", ("| workload | step (median) JAX / eager / compile | compile or first call JAX / "
                    "eager / compile | params (torch model; same count in ldm_jax?) |"), "|---|---|---|---|"]
+    ms = lambda v: _f(None if v is None else 1e3 * v, "{:.1f} ms")  # noqa: E731
+    sec = lambda v: _f(v, "{:.1f} s")  # noqa: E731
     for r in rows:
-        st, cs = r["step_s_median"], r["compile_s"]
-        ms = lambda v: _f(None if v is None else 1e3 * v, "{:.1f} ms")  # noqa: E731
-        sec = lambda v: _f(v, "{:.1f} s")  # noqa: E731
+        st = r["step_s_median"]
+        cold = r.get("cold_compile_s") or {}
+        cs = {k: (cold.get(k) if cold.get(k) is not None else v) for k, v in r["compile_s"].items()}
         n = r["params"]["torch"]
         same = {True: "yes", False: "NO", None: "?"}[r["params_match"]]
         lines.append(f"| {r['name']} | {ms(st['jax'])} / {ms(st['eager'])} / {ms(st['compile'])} | "
                      f"{sec(cs['jax'])} / {sec(cs['eager'])} / {sec(cs['compile'])} | "
                      f"{_f(None if n is None else n / 1e6, '{:.2f}M')} ({same}) |")
+    vrows = report.get("variant_rows") or []
+    if vrows:
+        lines += ["", "JAX variants (`--jax-variant`), against the default JAX run of the same workload:",
+                  "", "| workload | variant | arguments | img/s | step (median) | peak memory GB | "
+                  "vs default JAX | vs torch.compile |", "|---|---|---|---|---|---|---|---|"]
+        for v in vrows:
+            lines.append(f"| {v['name']} | {v['label']} | `{v['args'] or ''}` | {_f(v['images_per_s'])} | "
+                         f"{ms(v['step_s_median'])} | {_gb(v['peak_memory_bytes'])} | "
+                         f"{_f(v['ratio_over_default_jax'], '{:.2f}x')} | "
+                         f"{_f(v['ratio_over_compile'], '{:.2f}x')} |")
     failed = {k: v for k, v in runs.items() if not _ok(v)}
     if failed:
         lines += ["", "Failed runs: " + "; ".join(f"`{k}` ({v.get('error')})" for k, v in failed.items())]
@@ -220,6 +287,10 @@ def markdown(report: dict) -> str:
     lines += ["", ("JAX compile = ahead-of-time compile; torch = the first call (compilation or "
                    "autotuning + one step). Peak memory: JAX `peak_bytes_in_use`, torch "
                    "`torch.cuda.max_memory_allocated` ('–' where the backend reports none).")]
+    if report.get("warm"):
+        lines += ["", ("Compile times are the cold figures of the `--prewarm` runs (empty caches, "
+                       f"{report['arguments'].get('jobs')} at a time); the timed runs loaded their "
+                       "programs from the persistent caches.")]
     return "\n".join(lines) + "\n"
 
 
@@ -248,14 +319,15 @@ def _on_gpu(runs: dict) -> bool:
                               for d in devs)
 
 
-def write_report(runs: dict, a, prefix: str) -> dict:
+def write_report(runs: dict, a, prefix: str, warm: dict | None = None) -> dict:
     tiny = bool(a.tiny) or any(str(r.get("config", "")).endswith(":tiny")
                                for r in runs.values() if _ok(r))
     applicable = not tiny and _on_gpu(runs)
     report = dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tiny=tiny, targets=TARGETS, targets_apply=applicable,
-        environment=_environment(runs), rows=build_rows(runs, applicable), runs=runs,
+        environment=_environment(runs), rows=build_rows(runs, applicable, warm),
+        variant_rows=build_variant_rows(runs), runs=runs, warm=warm or {},
         arguments={k: v for k, v in vars(a).items()})
     report["markdown"] = markdown(report)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
@@ -265,6 +337,59 @@ def write_report(runs: dict, a, prefix: str) -> dict:
     with open(prefix + ".md", "w") as f:
         f.write(report["markdown"])
     return report
+
+
+def _plan(a, workloads: list[str], modes: list[str], warmup: int) -> list[dict]:
+    """The runs to do, in order of importance: per workload JAX then torch.compile, then
+    the eager runs, then the JAX variants. Each: key, priority, warmable, cmd(steps, warmup)."""
+    plan = []
+    variants = []
+    for spec in a.jax_variant:
+        w, label, args = (spec.split(":", 2) + ["", ""])[:3]
+        variants.append((w, label, args))
+    for w in workloads:
+        batch, steps = _defaults(w)
+        batch = a.batch or (8 if a.tiny else batch)
+        steps = a.steps or (2 if a.tiny else steps)
+        config = CONFIGS[w] + (":tiny" if a.tiny else "")
+        sets = [x for kv in a.set for x in ("--set", kv)]
+
+        def jax_cmd(extra, st, wu, w=w, config=config, batch=batch):
+            return ([sys.executable, "-m", "ldm_jax.bench", w, f"--config={config}", "--batch",
+                     str(batch), "--steps", str(st), "--warmup", str(wu)] + sets
+                    + shlex.split(a.jax_args) + shlex.split(extra))
+
+        def torch_cmd(mode, st, wu, w=w, config=config, batch=batch):
+            return ([sys.executable, os.path.join(HERE, "torch_reference.py"), w, "--mode", mode,
+                     f"--config={config}", "--batch", str(batch), "--steps", str(st), "--warmup",
+                     str(wu)] + sets + shlex.split(a.torch_args))
+
+        if not a.skip_jax:
+            plan.append(dict(key=run_key("jax", w), priority=0, warmable=True, steps=steps,
+                             cmd=lambda st, wu, f=jax_cmd: f("", st, wu)))
+        if not a.skip_torch:
+            for m in modes:
+                plan.append(dict(key=run_key("torch", w, m), priority=0 if m == "compile" else 1,
+                                 warmable=m == "compile", steps=steps,
+                                 cmd=lambda st, wu, m=m, f=torch_cmd: f(m, st, wu)))
+        if not a.skip_jax:
+            for vw, label, args in variants:
+                if vw == w:
+                    plan.append(dict(key=variant_key(w, label), priority=2, warmable=True,
+                                     steps=steps, variant_args=args,
+                                     cmd=lambda st, wu, args=args, f=jax_cmd: f(args, st, wu)))
+    plan.sort(key=lambda r: r["priority"])  # stable: workload order within a priority
+    return plan
+
+
+def _cache_env(env: dict, cache_dir: str) -> dict:
+    """Persistent compilation caches for every run: JAX's (every executable, however fast it
+    compiled) and Inductor's (torch.compile), unless the caller's environment sets them."""
+    env = dict(env)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache_dir, "jax"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "inductor"))
+    return env
 
 
 def main(argv=None) -> int:
@@ -282,6 +407,10 @@ def main(argv=None) -> int:
     p.add_argument("--torch-args", default="",
                    help="extra arguments for torch_reference.py, e.g. '--device cpu' or "
                         "'--compile-mode max-autotune --fused-optim --channels-last'")
+    p.add_argument("--jax-variant", action="append", default=[], metavar="WORKLOAD:LABEL:ARGS",
+                   help="an extra JAX run of WORKLOAD with ldm_jax.bench arguments ARGS, reported "
+                        "as LABEL against the default JAX run (repeatable), e.g. "
+                        "'unet:cudnn:--set model.attention_impl=cudnn' or 'unet:breakdown:--breakdown'")
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--out-dir", default=os.path.join(tempfile.gettempdir(), "ldm_jax_side_by_side"),
@@ -291,53 +420,98 @@ def main(argv=None) -> int:
                    help="take the runs of an earlier report (not run again)")
     p.add_argument("--report-only", action="store_true", help="only merge --from-report files")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    p.add_argument("--prewarm", action="store_true",
+                   help="first compile every JAX and torch.compile run concurrently (one step each) "
+                        "into persistent caches, then time the runs one by one from the caches")
+    p.add_argument("--jobs", type=int, default=4, help="concurrent --prewarm runs (default %(default)s)")
+    p.add_argument("--cache-dir", default=None,
+                   help="persistent JAX / Inductor compilation caches for all runs (default with "
+                        "--prewarm: OUT_DIR/cache; without: none unless given)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget of this whole command: runs that cannot start with "
+                        "--min-run seconds left are skipped (reported), timeouts are capped")
+    p.add_argument("--min-run", type=float, default=45.0,
+                   help="with --deadline: the least time left to start a run (default %(default)s)")
     a = p.parse_args(argv)
+    t_start = time.monotonic()
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [w for w in workloads if w not in ORDER] + [m for m in modes if m not in MODES]
+    for spec in a.jax_variant:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or parts[0] not in ORDER or not parts[1] or parts[1] in MODES or ":" in parts[1]:
+            p.error(f"--jax-variant {spec!r}: expected WORKLOAD:LABEL:ARGS with WORKLOAD one of "
+                    f"{', '.join(ORDER)} and a LABEL other than {', '.join(MODES)}")
+        if parts[0] not in workloads:
+            p.error(f"--jax-variant {spec!r}: workload {parts[0]!r} is not in --workloads")
     if bad:
         p.error(f"unknown workload/mode {bad}")
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
     warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 2)
     prefix = a.report or os.path.join(a.out_dir, "side_by_side")
     os.makedirs(a.out_dir, exist_ok=True)
 
     runs: dict = {}
+    warm: dict = {}
     for path in a.from_report:
         with open(path) as f:
-            runs.update({k: v for k, v in json.load(f)["runs"].items() if _ok(v)})
+            earlier = json.load(f)
+        runs.update({k: v for k, v in earlier["runs"].items() if _ok(v)})
+        warm.update({k: v for k, v in earlier.get("warm", {}).items() if k in runs and _ok(v)})
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    cache_dir = a.cache_dir or (os.path.join(a.out_dir, "cache") if a.prewarm else None)
+    if cache_dir:
+        env = _cache_env(env, os.path.abspath(cache_dir))
+
+    def left() -> float:
+        return math.inf if a.deadline is None else a.deadline - (time.monotonic() - t_start)
+
+    def skipped(why: str) -> dict:
+        _say(f"  skipped: {why}")
+        return {"error": f"skipped: {why}", "wall_s": 0.0}
+
     ok = True
     if not a.report_only:
-        for w in workloads:
-            batch, steps = _defaults(w)
-            batch = a.batch or (8 if a.tiny else batch)
-            steps = a.steps or (2 if a.tiny else steps)
-            config = CONFIGS[w] + (":tiny" if a.tiny else "")
-            common = ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
-            for kv in a.set:
-                common += ["--set", kv]
-            todo = []
-            if not a.skip_jax:
-                todo.append((run_key("jax", w), [sys.executable, "-m", "ldm_jax.bench", w,
-                                                 f"--config={config}"] + common + shlex.split(a.jax_args)))
-            if not a.skip_torch:
-                for m in modes:
-                    todo.append((run_key("torch", w, m),
-                                 [sys.executable, os.path.join(HERE, "torch_reference.py"), w,
-                                  "--mode", m, f"--config={config}"] + common + shlex.split(a.torch_args)))
-            for key, cmd in todo:
-                if key in runs:
-                    print(f"{key}: taken from an earlier report", file=sys.stderr)
-                    continue
+        plan = [r for r in _plan(a, workloads, modes, warmup) if r["key"] not in runs]
+        for k in sorted({k for k in runs}):
+            _say(f"{k}: taken from an earlier report")
+        if a.prewarm:
+            # Concurrent processes on one GPU: JAX must not preallocate most of its memory.
+            warm_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+            def one(r):
+                if left() < a.min_run:
+                    return r["key"], skipped("deadline (prewarm)")
+                stem = os.path.join(a.out_dir, r["key"].replace(":", "_") + "_warm")
+                res = run_one(r["cmd"](1, 0) + [f"--out={stem}.json"], stem + ".json", stem + ".log",
+                              min(a.timeout, left()), warm_env)
+                return r["key"], res
+
+            todo = [r for r in plan if r["warmable"]]
+            _say(f"prewarm: {len(todo)} runs, {a.jobs} at a time, caches in {cache_dir}")
+            with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+                for key, res in pool.map(one, todo):
+                    warm[key] = {k: res.get(k) for k in ("compile_s", "compile_cache", "wall_s",
+                                                         "error", "log_tail") if k in res}
+            write_report(runs, a, prefix, warm)
+        for r in plan:
+            key = r["key"]
+            if left() < a.min_run:
+                res = skipped(f"deadline ({a.deadline:.0f} s) reached")
+            else:
                 stem = os.path.join(a.out_dir, key.replace(":", "_"))
-                r = run_one(cmd + [f"--out={stem}.json"], stem + ".json", stem + ".log", a.timeout, env)
-                runs[key] = r
-                ok &= _ok(r)
-                write_report(runs, a, prefix)
-    report = write_report(runs, a, prefix)
+                res = run_one(r["cmd"](r["steps"], warmup) + [f"--out={stem}.json"], stem + ".json",
+                              stem + ".log", min(a.timeout, left()), env)
+            if "variant_args" in r:
+                res["variant_args"] = r["variant_args"]
+            runs[key] = res
+            ok &= _ok(res)
+            write_report(runs, a, prefix, warm)
+    report = write_report(runs, a, prefix, warm)
     print(report["markdown"])
     print(f"report: {prefix}.md, {prefix}.json", file=sys.stderr)
     return 0 if ok else 1

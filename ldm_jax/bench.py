@@ -95,7 +95,41 @@ def _abstract(tree, sharding=None):
     import jax
 
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)
+        x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None),
+        weak_type=getattr(x, "weak_type", False)), tree)
+
+
+_CACHE_HITS = [0]
+
+
+def _count_cache_hits(event: str, **_kw) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+def _compile(fn, *args):
+    """``(compiled, compile_s, compile_cache)`` of ``fn.lower(*args).compile()``.
+
+    ``compile_cache`` says where the executable came from: ``"off"`` (no persistent
+    compilation cache configured: ``compile_s`` is a full compile, autotuning included on
+    GPU), ``"miss"`` (compiled, then written to the cache) or ``"hit"`` (loaded from the
+    cache: ``compile_s`` is the lookup, not a compile; ``side_by_side.py --prewarm``
+    reports the cold figure of its warm-up run instead).
+    """
+    import jax
+
+    if not getattr(_count_cache_hits, "registered", False):
+        jax.monitoring.register_event_listener(_count_cache_hits)
+        _count_cache_hits.registered = True
+    hits = _CACHE_HITS[0]
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    if not jax.config.jax_compilation_cache_dir:
+        cache = "off"
+    else:
+        cache = "hit" if _CACHE_HITS[0] > hits else "miss"
+    return compiled, compile_s, cache
 
 
 def _flops_only(workload: str, config_spec: str, config, batch: int, n_dev: int,
@@ -113,10 +147,8 @@ def _abstract_only(workload: str, config_spec: str, config, batch: int, mesh, fn
     the mesh's devices, which may be compile-only devices of a GPU model: ``--target``)."""
     counted = _analytic_flops(fn, *args, strict=True)
     if compile_only:
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        extra.update(_compiled_stats(compiled, mesh), compile_s=compile_s,
+        compiled, compile_s, cache = _compile(fn, *args)
+        extra.update(_compiled_stats(compiled, mesh), compile_s=compile_s, compile_cache=cache,
                      mode="compile-only: nothing ran")
     return _flops_only(workload, config_spec, config, batch, mesh.size, counted, **extra)
 
@@ -251,9 +283,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     state = state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep))
 
     counted = _analytic_flops(step, state, lp_state, {"image": images[0]}, acc)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, lp_state, {"image": images[0]}, acc).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s, cache = _compile(step, state, lp_state, {"image": images[0]}, acc)
     carry = {"state": state, "acc": acc, "i": 0}
 
     def run():
@@ -266,8 +296,8 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     m = jax.device_get(carry["acc"].compute())
     return _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
                    counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
-                   **_compiled_stats(compiled, mesh), lpips=msg or "pretrained", last_loss=float(m["loss"]),
-                   nan_skipped=float(m["skipped"]))
+                   compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
+                   last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
 
 
 def _ldm_setup(config_spec: str, batch: int, overrides: dict, devices=None):
@@ -339,9 +369,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                                         batch_sh)} for _ in range(2)]
     acc = jax.device_put(ldm.TrainMetrics.empty(), metrics_sh)
     counted = _analytic_flops(step, state, None, batches[0], acc)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, None, batches[0], acc).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s, cache = _compile(step, state, None, batches[0], acc)
     carry = {"state": state, "acc": acc, "i": 0}
 
     def run():
@@ -354,8 +382,9 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
     result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
-                     **_compiled_stats(compiled, mesh), params=int(n_params), remat=bool(config.model.remat),
-                     last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+                     compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
+                     remat=bool(config.model.remat), last_loss=float(m["loss"]),
+                     nan_skipped=float(m["skipped"]))
     if breakdown:  # after the report, so the step's peak memory is its own
         result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,
                                               batch_sh, rep, steps, warmup, result["step_s_median"])
@@ -381,7 +410,7 @@ def _unet_breakdown(models, config, state, batch, state_sh, batch_sh, rep, steps
     fwd_bwd = jax.jit(jax.value_and_grad(loss_fn), in_shardings=in_sh, out_shardings=(rep, p_sh))
     out = {"step_s": step_s}
     for name, fn in (("forward_s", fwd), ("forward_backward_s", fwd_bwd)):
-        compiled = fn.lower(*args).compile()
+        compiled, _, out[name[:-2] + "_compile_cache"] = _compile(fn, *args)
         res = {}
 
         def run(compiled=compiled, res=res):
@@ -445,9 +474,7 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     labels = jax.device_put(np.arange(batch, dtype=np.int32) % max(config.model.num_classes, 1), batch_sh)
     args = (state.ema_params, state.rest, ae_state, jax.random.PRNGKey(0), labels, state.scale_factor)
     counted = _analytic_flops(fn, *args)
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s, cache = _compile(fn, *args)
     out = {}
 
     def run():
@@ -459,8 +486,8 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     return _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
                    counted, _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
                    sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-                   **_compiled_stats(compiled, mesh), output_shape=list(x.shape), finite=bool(np.isfinite(x).all()),
-                   decoded=latent, note="random weights: timing only")
+                   compile_cache=cache, **_compiled_stats(compiled, mesh), output_shape=list(x.shape),
+                   finite=bool(np.isfinite(x).all()), decoded=latent, note="random weights: timing only")
 
 
 WORKLOADS = {"vae": (bench_vae, "configs/vae_f8.py", 8, 20),

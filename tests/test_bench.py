@@ -313,7 +313,7 @@ def test_closed_jaxpr_entry_and_bad_options():
 # ---------------------------------------------------------------------------------------
 
 COMMON_KEYS = ("workload", "config", "batch", "dtype", "steps", "device", "num_devices", "jax",
-               "python", "compile_s", "step_s_median", "step_s_mean", "images_per_s",
+               "python", "compile_s", "compile_cache", "step_s_median", "step_s_mean", "images_per_s",
                "flops_per_step", "tflops_per_s", "mfu", "peak_bf16_flops_per_device",
                "peak_memory_bytes", "flops_source", "flops_breakdown", "xla_cost_analysis_flops")
 EXTRA_KEYS = {
@@ -348,6 +348,7 @@ def _check_result(r: dict, workload: str, batch: int, steps: int) -> None:
         assert isinstance(r[k], (int, float)) and r[k] > 0, k
     for k in MAY_BE_NONE:
         assert r[k] is None or (isinstance(r[k], (int, float)) and r[k] >= 0), k
+    assert r["compile_cache"] in ("off", "miss", "hit")
     b = r["flops_breakdown"]
     assert set(b) == set(BREAKDOWN_KEYS)
     assert r["flops_per_step"] == b["matmul"] + b["attention"] + b["conv"]
@@ -394,9 +395,11 @@ def test_bench_unet_in_process_and_flops_only():
     assert r["flops_breakdown"]["attention"] > 0  # the tiny U-Net has an attention level
     # --breakdown: forward and forward + backward timed alone, the update by difference.
     parts = r["breakdown"]
-    assert set(parts) == {"step_s", "forward_s", "forward_backward_s", "update_s", "update_share"}
+    assert set(parts) == {"step_s", "forward_s", "forward_backward_s", "update_s", "update_share",
+                          "forward_compile_cache", "forward_backward_compile_cache"}
     assert parts["step_s"] == r["step_s_median"]
-    assert all(np.isfinite(v) for v in parts.values()) and parts["forward_s"] > 0
+    assert all(np.isfinite(v) for k, v in parts.items() if k.endswith("_s") or k == "update_share")
+    assert parts["forward_s"] > 0
     assert parts["update_s"] == pytest.approx(parts["step_s"] - parts["forward_backward_s"])
     # Abstract inputs only: the same count, no timing fields.
     f = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, flops_only=True)
