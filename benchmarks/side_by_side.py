@@ -195,10 +195,6 @@ def build_rows(runs: dict, applicable: bool, warm: dict | None = None) -> list[d
     return rows
 
 
-def variant_key(workload: str, label: str) -> str:
-    return run_key("jax", workload, label)
-
-
 def build_variant_rows(runs: dict) -> list[dict]:
     """Extra JAX runs (``--jax-variant``): ``jax:WORKLOAD:LABEL`` against ``jax:WORKLOAD``
     (and against torch.compile where that ran)."""
@@ -343,10 +339,7 @@ def _plan(a, workloads: list[str], modes: list[str], warmup: int) -> list[dict]:
     """The runs to do, in order of importance: per workload JAX then torch.compile, then
     the eager runs, then the JAX variants. Each: key, priority, warmable, cmd(steps, warmup)."""
     plan = []
-    variants = []
-    for spec in a.jax_variant:
-        w, label, args = (spec.split(":", 2) + ["", ""])[:3]
-        variants.append((w, label, args))
+    variants = [spec.split(":", 2) for spec in a.jax_variant]  # checked in main()
     for w in workloads:
         batch, steps = _defaults(w)
         batch = a.batch or (8 if a.tiny else batch)
@@ -375,7 +368,7 @@ def _plan(a, workloads: list[str], modes: list[str], warmup: int) -> list[dict]:
         if not a.skip_jax:
             for vw, label, args in variants:
                 if vw == w:
-                    plan.append(dict(key=variant_key(w, label), priority=2, warmable=True,
+                    plan.append(dict(key=run_key("jax", w, label), priority=2, warmable=True,
                                      steps=steps, variant_args=args,
                                      cmd=lambda st, wu, args=args, f=jax_cmd: f(args, st, wu)))
     plan.sort(key=lambda r: r["priority"])  # stable: workload order within a priority
@@ -477,7 +470,7 @@ def main(argv=None) -> int:
     ok = True
     if not a.report_only:
         plan = [r for r in _plan(a, workloads, modes, warmup) if r["key"] not in runs]
-        for k in sorted({k for k in runs}):
+        for k in sorted(runs):
             _say(f"{k}: taken from an earlier report")
         if a.prewarm:
             # Concurrent processes on one GPU: JAX must not preallocate most of its memory.

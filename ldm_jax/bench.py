@@ -34,6 +34,7 @@ is far too low there, and under SPMD it is per device.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -99,12 +100,19 @@ def _abstract(tree, sharding=None):
         weak_type=getattr(x, "weak_type", False)), tree)
 
 
-_CACHE_HITS = [0]
+@functools.cache
+def _cache_hits() -> list[int]:
+    """A counter of persistent-cache hits in this process (registered on first use)."""
+    import jax
 
+    hits = [0]
 
-def _count_cache_hits(event: str, **_kw) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _CACHE_HITS[0] += 1
+    def on_event(event: str, **_kw) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits[0] += 1
+
+    jax.monitoring.register_event_listener(on_event)
+    return hits
 
 
 def _compile(fn, *args):
@@ -118,17 +126,15 @@ def _compile(fn, *args):
     """
     import jax
 
-    if not getattr(_count_cache_hits, "registered", False):
-        jax.monitoring.register_event_listener(_count_cache_hits)
-        _count_cache_hits.registered = True
-    hits = _CACHE_HITS[0]
+    counter = _cache_hits()
+    before = counter[0]
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     if not jax.config.jax_compilation_cache_dir:
         cache = "off"
     else:
-        cache = "hit" if _CACHE_HITS[0] > hits else "miss"
+        cache = "hit" if counter[0] > before else "miss"
     return compiled, compile_s, cache
 
 

@@ -4,6 +4,7 @@ one-step runs into persistent compilation caches, then timed runs that load from
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -86,7 +87,6 @@ def test_plan_order(tmp_path):
         import side_by_side as sbs
     finally:
         sys.path.pop(0)
-    import argparse
 
     a = argparse.Namespace(jax_variant=["unet:cudnn:--set model.attention_impl=cudnn"],
                            batch=None, steps=None, tiny=False, set=["model.remat=false"],
