@@ -16,6 +16,7 @@ the checkpoint was written with the current process count, else from ``meta["dat
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -31,9 +32,28 @@ from ldm_jax.models import layers
 
 log = logging.getLogger("ldm_jax")
 
+# Orbax saves a replicated array "replica-parallel" (its default except on GPU): each
+# replica writes a slice along a divisible axis, taken on its device by one eager slice
+# op. For the hundreds of small arrays of a train state (biases, norm scales and their
+# Adam moments) that is replicas x arrays dispatches, each new shape compiled once, for
+# slices of a few hundred bytes. Arrays whose per-replica slice would be smaller than
+# this are written whole by their first replica; large replicated arrays keep the
+# parallel writes.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+@functools.cache
+def _register_array_handler() -> None:
+    """Orbax's jax.Array handler with ``MIN_REPLICA_SLICE_BYTES`` (once per process; only
+    the replica-parallel size floor differs from orbax's default handler)."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
 
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, create: bool = True):
+        _register_array_handler()
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False

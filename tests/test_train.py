@@ -314,3 +314,30 @@ def test_hwio_checkpoints_and_pretrained_dirs_still_load(sharded_run, tmp_path):
     _, pre_ae, _ = pretrained.load_params(pre, "autoencoder")
     for a, b in zip(jax.tree.leaves(pre_ae), jax.tree.leaves(new_ae)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_writes_small_replicated_arrays_whole(tmp_path, monkeypatch):
+    """Replicated arrays round-trip through Checkpointer; only those whose per-replica
+    slice reaches MIN_REPLICA_SLICE_BYTES are split across replicas (one device slice op
+    per replica), the small ones are written whole by their first replica."""
+    from ldm_jax import checkpointing, sharding
+
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, num_devices=-1))
+    rep = sharding.replicated(mesh)
+    big_rows = 8 * checkpointing.MIN_REPLICA_SLICE_BYTES // (4 * 256)  # 1 MiB per replica slice
+    state = {"small": {f"b{i}": jax.device_put(np.full((64,), i, np.float32), rep) for i in range(20)},
+             "mid": jax.device_put(np.arange(64 * 3 * 3 * 64, dtype=np.float32).reshape(64, 3, 3, 64), rep),
+             "big": jax.device_put(np.arange(big_rows * 256, dtype=np.float32).reshape(big_rows, 256), rep)}
+    ck = Checkpointer(str(tmp_path))
+    slices = []
+    real = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda x, *a, **k: (slices.append(x.shape), real(x, *a, **k))[1])
+    ck.save(1, state, None, {})
+    monkeypatch.undo()
+    assert slices == [(big_rows, 256)] * 8  # the big array only, one slice per replica
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, _ = ck.restore(1, abstract, None)
+    ck.close()
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
