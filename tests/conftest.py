@@ -22,9 +22,19 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_compile_cache(tmp_path_factory):
-    """No network in tests; one persistent compilation cache for the whole session."""
+    """No network in tests; one persistent compilation cache for the whole run, shared by
+    the xdist workers (the parent of their temp dirs) and, through the environment, by
+    the command-line tools and worker processes tests start (train.py, sample.py, bench).
+    An entry read while another process is still writing it fails to decompress; jax then
+    warns and compiles instead."""
     os.environ["LDM_JAX_OFFLINE"] = "1"
-    cache = tmp_path_factory.mktemp("xla_cache")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    cache = base / "xla_cache"
+    cache.mkdir(exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     yield
