@@ -212,8 +212,19 @@ def build_variant_rows(runs: dict) -> list[dict]:
             ratio_over_default_jax=_ratio(_ips(r), _ips(base)),
             ratio_over_compile=_ratio(_ips(r), _ips(tc)),
             breakdown=r.get("breakdown") if _ok(r) else None,
+            profile=_profile_brief(r.get("profile")) if _ok(r) else None,
             failed=not _ok(r), error=None if _ok(r) else r.get("error")))
     return rows
+
+
+def _profile_brief(p: dict | None) -> dict | None:
+    """The headline of a ``--profile`` summary (the full one stays in ``runs``)."""
+    if not p:
+        return None
+    if "failed" in p:
+        return {"failed": p["failed"]}
+    return {k: p.get(k) for k in ("kernels_per_step", "busy_s", "step_s", "idle_s", "by_phase", "by_kind")} | {
+        "top_kernels": (p.get("top_kernels") or [])[:8]}
 
 
 def _f(x, fmt="{:.1f}", none="–"):
@@ -274,6 +285,23 @@ def markdown(report: dict) -> str:
                          f"{ms(v['step_s_median'])} | {_gb(v['peak_memory_bytes'])} | "
                          f"{_f(v['ratio_over_default_jax'], '{:.2f}x')} | "
                          f"{_f(v['ratio_over_compile'], '{:.2f}x')} |")
+        for v in vrows:
+            p = v.get("profile")
+            if not p:
+                continue
+            if "failed" in p:
+                lines += ["", f"Profile of {v['name']} `{v['label']}` failed: {p['failed']}"]
+                continue
+            phases = ", ".join(f"{k} {ms(t)}" for k, t in (p.get("by_phase") or {}).items())
+            kinds = ", ".join(f"{k} {ms(t)}" for k, t in (p.get("by_kind") or {}).items())
+            lines += ["", f"Profile of {v['name']} `{v['label']}` (device 0, profiled steps): "
+                      f"{_f(p.get('kernels_per_step'), '{:.0f}')} kernels per step, busy "
+                      f"{ms(p.get('busy_s'))} of {ms(p.get('step_s'))} (idle {ms(p.get('idle_s'))}); "
+                      f"by phase: {phases}; by kind: {kinds}. Top kernels:", ""]
+            for k in p.get("top_kernels") or []:
+                bw = _f(k.get("achieved_gb_per_s"), "{:.0f} GB/s")
+                lines.append(f"- {_f(1e3 * k['time_s'], '{:.3f} ms')} {k['hlo_op']} x{_f(k.get('calls'), '{:.0f}')} "
+                             f"({k.get('phase', '?')}, {k.get('kind', '?')}, {bw})")
     failed = {k: v for k, v in runs.items() if not _ok(v)}
     if failed:
         lines += ["", "Failed runs: " + "; ".join(f"`{k}` ({v.get('error')})" for k, v in failed.items())]

@@ -5,6 +5,7 @@
   python -m ldm_jax.bench sample [--config=configs/ldm_f8.py] [--batch=16] [--steps=3]  (DDIM-50 + decode)
   python -m ldm_jax.bench unet --flops-only   # analytic FLOPs only: abstract inputs, nothing runs
   python -m ldm_jax.bench unet --breakdown    # also forward / forward+backward alone, update share
+  python -m ldm_jax.bench unet --profile DIR  # also device time per kernel / phase / kind (profiler)
   python -m ldm_jax.bench unet --compile-only [--target h100 [--target-devices 8]] [--dump-hlo F]
       # compile only (for a GPU model without having one, with --target): XLA's memory
       # estimate per device, does it fit, and kernel launches / bytes moved per phase
@@ -200,6 +201,36 @@ def _time(run, steps: int, warmup: int) -> tuple[list[float], float]:
     return times, time.perf_counter() - t_all
 
 
+_PROFILE: dict = {}  # set by --profile: {"dir": trace directory, "steps": profiled calls}
+
+
+def _profile(run, compiled, result: dict) -> dict:
+    """With ``--profile``: ``result`` plus ``profile``, the per-kernel device time of
+    ``steps`` more calls of ``run`` under ``jax.profiler.trace`` (ldm_jax.trace_stats),
+    joined with the compiled program. A failed trace or summary is reported in the field,
+    it does not fail the timing run (the trace stays in the directory)."""
+    if not _PROFILE:
+        return result
+    import jax
+
+    from ldm_jax import trace_stats
+
+    directory, n = _PROFILE["dir"], _PROFILE["steps"]
+    try:
+        with jax.profiler.trace(directory):
+            for _ in range(n):
+                run()
+        summary = trace_stats.summarize(trace_stats.latest_trace(directory), compiled.as_text(),
+                                        steps=n, step_s=result["step_s_median"],
+                                        platform=jax.devices()[0].platform)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: --profile failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return dict(result, profile={"failed": f"{type(e).__name__}: {e}", "dir": directory})
+    for line in trace_stats.summary_lines(summary):
+        print(line, file=sys.stderr)
+    return dict(result, profile=summary)
+
+
 def _report(workload: str, config_spec: str, config, batch: int, steps: int, times, total,
             compile_s: float, counted: dict, xla_flops: float, n_dev: int,
             images_per_call: int, **extra) -> dict:
@@ -300,10 +331,11 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
 
     times, total = _time(run, steps, warmup)
     m = jax.device_get(carry["acc"].compute())
-    return _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
-                   counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
-                   compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
-                   last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+    result = _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
+                     counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
+                     compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
+                     last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+    return _profile(run, compiled, result)
 
 
 def _ldm_setup(config_spec: str, batch: int, overrides: dict, devices=None):
@@ -391,6 +423,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                      compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
                      remat=bool(config.model.remat), last_loss=float(m["loss"]),
                      nan_skipped=float(m["skipped"]))
+    result = _profile(run, compiled, result)
     if breakdown:  # after the report, so the step's peak memory is its own
         result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,
                                               batch_sh, rep, steps, warmup, result["step_s_median"])
@@ -489,11 +522,12 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
 
     times, total = _time(run, steps, warmup)
     x = np.asarray(jax.device_get(out["x"]))
-    return _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
-                   counted, _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
-                   sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
-                   compile_cache=cache, **_compiled_stats(compiled, mesh), output_shape=list(x.shape),
-                   finite=bool(np.isfinite(x).all()), decoded=latent, note="random weights: timing only")
+    result = _report("sample_" + s.sampler, config_spec, config, batch, steps, times, total, compile_s,
+                     counted, _cost_flops(compiled), mesh.size, batch, sampler=s.sampler,
+                     sampler_steps=int(s.num_steps), cfg_scale=float(s.cfg_scale),
+                     compile_cache=cache, **_compiled_stats(compiled, mesh), output_shape=list(x.shape),
+                     finite=bool(np.isfinite(x).all()), decoded=latent, note="random weights: timing only")
+    return _profile(run, compiled, result)
 
 
 WORKLOADS = {"vae": (bench_vae, "configs/vae_f8.py", 8, 20),
@@ -529,6 +563,11 @@ def main(argv=None) -> None:
                    help="with --target: number of GPUs on the (one) host to compile for")
     p.add_argument("--dump-hlo", default=None, metavar="FILE",
                    help="write the optimized HLO text of the compiled step here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, run --profile-steps more steps under the JAX profiler "
+                        "(trace written to DIR, viewable in TensorBoard / Perfetto) and report "
+                        "device time per kernel, phase and kind (ldm_jax.trace_stats)")
+    p.add_argument("--profile-steps", type=int, default=3, metavar="N")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     fn, config, batch, steps = WORKLOADS[a.workload]
@@ -548,8 +587,15 @@ def main(argv=None) -> None:
             kw["devices"] = gpu_targets.topology_devices(a.target, a.target_devices)
         except RuntimeError as e:
             p.exit(2, f"error: {e}\n")
+    if a.profile and (a.compile_only or a.flops_only):
+        p.error("--profile runs the step: not with --compile-only / --flops-only")
+    if a.profile_steps < 1:
+        p.error("--profile-steps must be >= 1")
     global _DUMP_HLO
     _DUMP_HLO = a.dump_hlo
+    _PROFILE.clear()
+    if a.profile:
+        _PROFILE.update(dir=os.path.abspath(a.profile), steps=a.profile_steps)
     result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
                 flops_only=a.flops_only, compile_only=a.compile_only, **kw)
     if a.target:

@@ -203,13 +203,17 @@ def _callees(ins: dict) -> list[str]:
     return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
 
 
-def kernel_stats(hlo_text: str) -> dict[str, Any]:
-    """Launch counts and estimated bytes moved by kind and phase (see the module doc)."""
+def _kernels(hlo_text: str) -> tuple[list[dict], list[dict], list[str], list[str]]:
+    """``(kernels, loops, notes, controls)``: every kernel instruction of the program, as
+    ``{"name", "op", "kind", "phase", "bytes", "count"}`` (``bytes`` moved per execution,
+    ``count`` executions per program run: the product of the enclosing loops' trip counts).
+    ``loops`` lists the ``while`` loops; ``call`` / ``conditional`` / ``while`` themselves
+    launch nothing (their computations' kernels are listed)."""
     comps, entry = parse_computations(hlo_text)
-    by_kind: dict = collections.defaultdict(lambda: [0, 0])
-    by_phase: dict = collections.defaultdict(lambda: [0, 0])
+    kernels: list[dict] = []
     notes: list[str] = []
-    loops = []
+    loops: list[dict] = []
+    controls: list[str] = []
     sliced_cache: dict = {}
 
     def walk(comp: str, mult: int, depth: int) -> None:
@@ -228,17 +232,42 @@ def kernel_stats(hlo_text: str) -> dict[str, Any]:
                     else:
                         notes.append(f"while {ins['name']}: unknown trip count, body counted once")
                     loops.append({"name": ins["name"], "trip_count": n if trip else None})
+                controls.append(ins["name"])
                 for callee in dict.fromkeys(_callees(ins)):
                     walk(callee, mult * n, depth + 1)
                 continue
             if op in FREE_OPS:
                 continue
-            moved = sizes[ins["name"]] + _operand_bytes(ins, sizes, comps, sliced_cache)
-            for table, key in ((by_kind, _kind(ins)), (by_phase, _phase(ins["attrs"]))):
-                table[key][0] += mult
-                table[key][1] += mult * moved
+            kernels.append(dict(name=ins["name"], op=op, kind=_kind(ins), phase=_phase(ins["attrs"]),
+                                bytes=sizes[ins["name"]] + _operand_bytes(ins, sizes, comps, sliced_cache),
+                                count=mult))
 
     walk(entry, 1, 0)
+    return kernels, loops, notes, controls
+
+
+def kernel_table(hlo_text: str) -> tuple[dict[str, dict], set[str]]:
+    """``({instruction name: {"op", "kind", "phase", "bytes", "count"}}, control names)``:
+    the program's kernels, which a profiler's per-kernel times (``hlo_op``) are joined with
+    (ldm_jax.trace_stats), and its ``while`` / ``call`` / ``conditional`` instructions
+    (a profiler may report these around their kernels). A name that occurs in several
+    computations keeps its first entry."""
+    kernels, _, _, controls = _kernels(hlo_text)
+    table: dict[str, dict] = {}
+    for k in kernels:
+        table.setdefault(k["name"], {key: v for key, v in k.items() if key != "name"})
+    return table, set(controls)
+
+
+def kernel_stats(hlo_text: str) -> dict[str, Any]:
+    """Launch counts and estimated bytes moved by kind and phase (see the module doc)."""
+    kernels, loops, notes, _ = _kernels(hlo_text)
+    by_kind: dict = collections.defaultdict(lambda: [0, 0])
+    by_phase: dict = collections.defaultdict(lambda: [0, 0])
+    for k in kernels:
+        for table, key in ((by_kind, k["kind"]), (by_phase, k["phase"])):
+            table[key][0] += k["count"]
+            table[key][1] += k["count"] * k["bytes"]
     launches = sum(v[0] for v in by_kind.values())
     moved = sum(v[1] for v in by_kind.values())
 

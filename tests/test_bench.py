@@ -389,9 +389,19 @@ def test_bench_vae_in_process():
     _check_result(r, "vae_gan_step", 8, 1)
 
 
-def test_bench_unet_in_process_and_flops_only():
+def test_bench_unet_in_process_and_flops_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench._PROFILE, "dir", str(tmp_path / "trace"))  # as --profile DIR
+    monkeypatch.setitem(bench._PROFILE, "steps", 2)
     r = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, breakdown=True)
     _check_result(r, "unet_step", 8, 2)
+    # --profile: two more steps traced; their kernels joined with the compiled step's HLO.
+    prof = r["profile"]
+    assert prof["module"] == "jit_step_fn" and prof["steps"] == 2, prof
+    assert prof["trace"].startswith(str(tmp_path / "trace")) and prof["trace"].endswith(".xplane.pb")
+    assert prof["attributed_share"] > 0.99 and {"forward", "backward", "other"} <= set(prof["by_phase"])
+    assert 0 < prof["kernels_per_step"] <= r["kernels"]["launches"]
+    assert prof["step_s"] == r["step_s_median"] and 0 < prof["busy_s"] <= prof["kernel_s"] * (1 + 1e-9)
+    assert prof["top_kernels"][0]["time_s"] >= prof["top_kernels"][-1]["time_s"] > 0
     assert r["flops_breakdown"]["attention"] > 0  # the tiny U-Net has an attention level
     # --breakdown: forward and forward + backward timed alone, the update by difference.
     parts = r["breakdown"]
@@ -443,3 +453,10 @@ def test_bench_sample_cli(tmp_path):
          for n in (1, 2)}
     unet = f[2] - f[1]
     assert unet > 0 and r["flops_per_step"] == pytest.approx(f[1] + 3 * unet, rel=1e-12)
+
+
+@pytest.mark.parametrize("args", [["--compile-only"], ["--flops-only"], ["--profile-steps", "0"]])
+def test_bench_cli_profile_needs_a_timed_run(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["unet", "--profile", "trace_dir", *args])
+    assert e.value.code == 2 and "--profile" in capsys.readouterr().err
