@@ -16,7 +16,10 @@ the profiler records the stack of both with each CUDA kernel).
 
 ``busy_s`` is the union of the kernels' intervals (kernels on several streams overlap),
 ``kernel_s`` their plain sum; a step time well above ``busy_s`` means the device waited
-(kernel launch gaps, host work, synchronisation). On a GPU the kernels are the CUDA
+(kernel launch gaps, host work, synchronisation). ``step_s`` is the unprofiled step
+time; the bench also reports ``profiled_step_s``, the wall time of the traced steps, so the
+profiler's own overhead (on a GPU XLA also stops using CUDA graphs while profiling, so
+launches cost more) can be told from the step's. On a GPU the kernels are the CUDA
 kernels of the device plane's stream lines, on a TPU the "XLA Ops" line; on the CPU (the
 tests) they are XLA:CPU's thunks on the host plane, device 0 only.
 """

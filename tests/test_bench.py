@@ -401,6 +401,7 @@ def test_bench_unet_in_process_and_flops_only(tmp_path, monkeypatch):
     assert prof["attributed_share"] > 0.99 and {"forward", "backward", "other"} <= set(prof["by_phase"])
     assert 0 < prof["kernels_per_step"] <= r["kernels"]["launches"]
     assert prof["step_s"] == r["step_s_median"] and 0 < prof["busy_s"] <= prof["kernel_s"] * (1 + 1e-9)
+    assert prof["profiled_step_s"] >= prof["busy_s"]
     assert prof["top_kernels"][0]["time_s"] >= prof["top_kernels"][-1]["time_s"] > 0
     assert r["flops_breakdown"]["attention"] > 0  # the tiny U-Net has an attention level
     # --breakdown: forward and forward + backward timed alone, the update by difference.
