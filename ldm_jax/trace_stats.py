@@ -145,19 +145,16 @@ def summarize(path: str, hlo_text: str, *, steps: int, step_s: float | None = No
     by_phase: dict = collections.defaultdict(float)
     by_kind: dict = collections.defaultdict(float)
     kernels = []
-    unattributed = 0.0
     for op, (calls, ns) in per_op.items():
         info = table.get(op)
         s = ns * 1e-9 / steps
-        if info is None:
-            unattributed += s
+        row = dict(hlo_op=op, time_s=s, calls=calls / steps)
+        if info is None:  # a kernel the HLO does not name (a library's own, or another program's)
             by_phase["unattributed"] += s
             by_kind["unattributed"] += s
         else:
             by_phase[info["phase"]] += s
             by_kind[info["kind"]] += s
-        row = dict(hlo_op=op, time_s=s, calls=calls / steps)
-        if info is not None:
             row.update(phase=info["phase"], kind=info["kind"], bytes_per_call=info["bytes"])
             if ns > 0:
                 row["achieved_gb_per_s"] = info["bytes"] * calls / ns  # bytes per ns = GB/s
@@ -169,7 +166,7 @@ def summarize(path: str, hlo_text: str, *, steps: int, step_s: float | None = No
                kernels_per_step=len(events) / steps, kernel_s=kernel_s, busy_s=busy_s,
                by_phase=dict(sorted(by_phase.items(), key=lambda kv: -kv[1])),
                by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-               attributed_share=1.0 - unattributed / kernel_s if kernel_s > 0 else 0.0,
+               attributed_share=1.0 - by_phase.get("unattributed", 0.0) / kernel_s if kernel_s > 0 else 0.0,
                top_kernels=kernels[:top])
     if step_s is not None:
         out["step_s"] = step_s

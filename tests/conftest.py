@@ -33,8 +33,9 @@ def _offline_and_compile_cache(tmp_path_factory):
         base = base.parent
     cache = base / "xla_cache"
     cache.mkdir(exist_ok=True)
+    min_compile_s = 0.5
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(min_compile_s)
     yield

@@ -31,9 +31,9 @@ def _run(args, timeout=900):
 
 def test_prewarm_then_timed_runs_load_from_the_cache(tmp_path):
     out = tmp_path / "sbs"
+    variant_args = f"--breakdown --profile {tmp_path / 'trace'} --profile-steps 1"
     p = _run(["--tiny", "--workloads", "unet", "--skip-torch", "--steps", "1", "--warmup", "0",
-              "--prewarm", "--jobs", "2", "--jax-variant",
-              f"unet:bd:--breakdown --profile {tmp_path / 'trace'} --profile-steps 1",
+              "--prewarm", "--jobs", "2", "--jax-variant", f"unet:bd:{variant_args}",
               f"--out-dir={out}"])
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     rep = json.loads((out / "side_by_side.json").read_text())
@@ -52,7 +52,7 @@ def test_prewarm_then_timed_runs_load_from_the_cache(tmp_path):
     assert row["compile_s"]["jax"] == rep["runs"]["jax:unet"]["compile_s"]
     assert row["jax_compile_cache"] == "hit"
     (v,) = rep["variant_rows"]
-    assert v["label"] == "bd" and v["args"].startswith("--breakdown --profile") and not v["failed"]
+    assert v["label"] == "bd" and v["args"] == variant_args and not v["failed"]
     assert v["ratio_over_default_jax"] == pytest.approx(
         rep["runs"]["jax:unet:bd"]["images_per_s"] / rep["runs"]["jax:unet"]["images_per_s"])
     assert v["breakdown"]["update_s"] is not None
@@ -62,7 +62,7 @@ def test_prewarm_then_timed_runs_load_from_the_cache(tmp_path):
     assert {"forward", "backward", "other"} <= set(prof["by_phase"]) and 0 < len(prof["top_kernels"]) <= 8
     assert rep["runs"]["jax:unet:bd"]["profile"]["steps"] == 1
     md = (out / "side_by_side.md").read_text()
-    assert "| U-Net step | bd | `--breakdown --profile" in md and "cold figures of the `--prewarm` runs" in md
+    assert f"| U-Net step | bd | `{variant_args}` |" in md and "cold figures of the `--prewarm` runs" in md
     assert "Profile of U-Net step `bd` (device 0, profiled steps):" in md
     # The cold compile shows in the table, not the cache lookup.
     assert f"{row['cold_compile_s']['jax']:.1f} s" in md
