@@ -314,7 +314,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
         acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
         return _abstract_only("vae_gan_step", config_spec, config, batch, mesh, step,
                               (state, lp_state, {"image": image}, acc), compile_only,
-                              resolution=res)
+                              resolution=res, grad_accum_steps=int(config.optim.grad_accum_steps))
     rng = np.random.default_rng(0)
     images = [jax.device_put(rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), batch_sh)
               for _ in range(2)]
@@ -337,7 +337,8 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     result = _report("vae_gan_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
                      compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
-                     last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]))
+                     last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]),
+                     grad_accum_steps=int(config.optim.grad_accum_steps))
     return _profile(run, compiled, result)
 
 
@@ -377,6 +378,9 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     from ldm_jax.trainers import common, ldm
 
     config, mesh, ae_cfg, _ = _ldm_setup(config_spec, batch, overrides, devices)
+    if breakdown and config.optim.grad_accum_steps > 1:
+        raise ValueError("--breakdown times forward and backward on the whole batch at once; "
+                         "it cannot be compared with a step of optim.grad_accum_steps > 1 microbatches")
     flops_only = flops_only or compile_only
     shape = ldm.latent_shape(config, ae_cfg if config.space == "latent" else None)
     tx, lr_fn = ldm.make_optimizer(config)
@@ -402,6 +406,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
         return _abstract_only("unet_step", config_spec, config, batch, mesh, step,
                               (state, None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
                               compile_only, input_shape=list(shape),
+                              grad_accum_steps=int(config.optim.grad_accum_steps),
                               params=common.param_count(state.params),
                               remat=bool(config.model.remat))
     rng = np.random.default_rng(0)
@@ -425,7 +430,8 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
                      compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
                      remat=bool(config.model.remat), last_loss=float(m["loss"]),
-                     nan_skipped=float(m["skipped"]))
+                     nan_skipped=float(m["skipped"]),
+                     grad_accum_steps=int(config.optim.grad_accum_steps))
     result = _profile(run, compiled, result)
     if breakdown:  # after the report, so the step's peak memory is its own
         result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,

@@ -77,6 +77,9 @@ def vae_base_config() -> ml_collections.ConfigDict:
             b2=0.9,
             warmup_steps=0,
             grad_clip_norm=0.0,  # 0 disables
+            # k > 1: each step runs the global batch as k microbatches, one after another,
+            # and applies their mean gradient once (activation memory of global/k images)
+            grad_accum_steps=1,
         )
     )
     # Mesh axis sizes; -1 takes the remaining devices. The batch is split over both axes.
@@ -258,7 +261,9 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
     * each ``INTERVAL_KEYS`` interval, then each key in ``counts``, is >= 1;
     * ``data.source`` is one of ``DATA_SOURCES``; a ``folder`` source needs ``data.path``
       and a ``tfds`` one ``data.tfds_name``;
-    * with ``num_devices``, ``global_batch_size`` and ``eval_batch_size`` are divisible by it.
+    * with ``num_devices``, ``global_batch_size`` and ``eval_batch_size`` are divisible by it;
+    * ``optim.grad_accum_steps`` is >= 1 and divides ``global_batch_size`` into microbatches
+      that are divisible by ``num_devices``.
     """
     for k in INTERVAL_KEYS + tuple(counts):
         need(c[k] >= 1, f"{k} must be >= 1")
@@ -273,6 +278,17 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
             need(c[k] % num_devices == 0,
                  f"{k}={c[k]} is not divisible by the {num_devices} devices of the mesh; "
                  f"use a multiple of {num_devices}")
+    accum = c.optim.grad_accum_steps
+    need(isinstance(accum, int) and accum >= 1, f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
+    if isinstance(accum, int) and accum > 1:
+        micro, rem = divmod(c.global_batch_size, accum)
+        need(rem == 0, f"global_batch_size={c.global_batch_size} is not divisible by "
+             f"optim.grad_accum_steps={accum}")
+        if num_devices is not None and rem == 0:
+            need(micro % num_devices == 0,
+                 f"global_batch_size={c.global_batch_size} / optim.grad_accum_steps={accum} = {micro} "
+                 f"images per microbatch, not divisible by the {num_devices} devices of the mesh; "
+                 f"use a global_batch_size that is a multiple of {accum * num_devices}")
 
 
 def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -388,6 +404,7 @@ def ldm_base_config() -> ml_collections.ConfigDict:
         weight_decay=0.0,
         warmup_steps=1_000,
         grad_clip_norm=1.0,  # 0 disables
+        grad_accum_steps=1,  # k > 1: the global batch as k sequential microbatches per step
     ))
     c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))  # warmup: min(decay, (1+n)/(10+n))
     c.sampling = ml_collections.ConfigDict(dict(

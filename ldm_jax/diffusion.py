@@ -191,20 +191,35 @@ def min_snr_weight(sched: Schedule, t: jax.Array, gamma: float,
     return clipped / r if prediction == "eps" else clipped / (r + 1.0)
 
 
-def diffusion_loss(sched: Schedule, model_fn: ModelFn, x0: jax.Array, key: jax.Array, *,
-                   prediction: str = "eps",
-                   min_snr_gamma: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def draw_t_noise(sched: Schedule, key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The training draws of one batch of data shape ``shape``: ``t ~ U{0..T-1}`` per
+    example and ``ε ~ N(0, I)``."""
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
+    return t, jax.random.normal(k_n, shape, jnp.float32)
+
+
+def diffusion_loss(sched: Schedule, model_fn: ModelFn, x0: jax.Array, key: jax.Array | None, *,
+                   prediction: str = "eps", min_snr_gamma: float = 0.0,
+                   t: jax.Array | None = None,
+                   noise: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Denoising loss: ``t ~ U{0..T-1}``, ``ε ~ N(0, I)``, MSE of ``model_fn(x_t, t)`` to the
     eps / v target, averaged over non-batch dimensions, min-SNR weighted, batch mean.
+
+    ``t`` and ``noise`` are drawn from ``key`` (``draw_t_noise``) unless both are given
+    (``key`` may then be None), e.g. drawn for a whole batch before it is split into
+    microbatches.
 
     Returns ``(loss, aux)`` with aux scalars ``mse`` (unweighted) and ``weight`` (mean
     weight), and per-example ``t`` and ``per_example_mse`` (B,) for loss-vs-t plots.
     """
     _check_prediction(prediction)
-    b = x0.shape[0]
-    k_t, k_n = jax.random.split(key)
-    t = jax.random.randint(k_t, (b,), 0, sched.num_timesteps, dtype=jnp.int32)
-    noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+    if (t is None) != (noise is None):
+        raise ValueError("diffusion_loss: pass both t and noise, or neither (drawn from key)")
+    if t is None:
+        if key is None:
+            raise ValueError("diffusion_loss: needs key when t and noise are not given")
+        t, noise = draw_t_noise(sched, key, x0.shape)
     x_t = q_sample(sched, x0, t, noise)
     target = prediction_target(sched, x0, noise, t, prediction)
     out = model_fn(x_t, t).astype(jnp.float32)

@@ -317,8 +317,8 @@ COMMON_KEYS = ("workload", "config", "batch", "dtype", "steps", "device", "num_d
                "flops_per_step", "tflops_per_s", "mfu", "peak_bf16_flops_per_device",
                "peak_memory_bytes", "flops_source", "flops_breakdown", "xla_cost_analysis_flops")
 EXTRA_KEYS = {
-    "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped"),
-    "unet_step": ("input_shape", "params", "remat", "last_loss", "nan_skipped"),
+    "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped", "grad_accum_steps"),
+    "unet_step": ("input_shape", "params", "remat", "last_loss", "nan_skipped", "grad_accum_steps"),
     "sample_ddim": ("sampler", "sampler_steps", "cfg_scale", "output_shape", "finite", "decoded",
                     "note"),
 }
@@ -427,6 +427,20 @@ def test_bench_unet_in_process_and_flops_only(tmp_path, monkeypatch):
     phases = c["kernels"]["by_phase"]
     assert all(phases[p]["launches"] > 0 for p in ("forward", "backward", "other"))
     assert phases["other"]["bytes"] >= 7 * 4 * c["params"]
+
+
+def test_bench_counts_accumulated_microbatches():
+    """A step of 2 microbatches of 8 has the FLOPs of one pass over all 16 images (the
+    scan's trip count is counted); --breakdown cannot split such a step."""
+    whole = bench.bench_unet("configs/ldm_f8.py:tiny", 16, 2, 1, {}, flops_only=True)
+    accum = bench.bench_unet("configs/ldm_f8.py:tiny", 16, 2, 1, {"optim.grad_accum_steps": 2},
+                             flops_only=True)
+    assert accum["flops_per_step"] == pytest.approx(whole["flops_per_step"], rel=1e-6)
+    assert accum["flops_breakdown"]["unknown_trip_count_loops"] == 0
+    assert accum["grad_accum_steps"] == 2 and whole["grad_accum_steps"] == 1
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        bench.bench_unet("configs/ldm_f8.py:tiny", 16, 2, 1, {"optim.grad_accum_steps": 2},
+                         breakdown=True)
 
 
 def test_bench_cli_target_needs_compile_only():

@@ -64,7 +64,11 @@ class DiagonalGaussian:
         self.var = jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        return self.mean + self.std * jax.random.normal(key, self.mean.shape, jnp.float32)
+        return self.reparameterize(jax.random.normal(key, self.mean.shape, jnp.float32))
+
+    def reparameterize(self, eps: jax.Array) -> jax.Array:
+        """``mean + std * eps`` for standard normal noise ``eps`` of the latent shape."""
+        return self.mean + self.std * eps
 
     def mode(self) -> jax.Array:
         return self.mean

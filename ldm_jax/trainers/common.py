@@ -74,3 +74,56 @@ def prepare_workdir(config: Any, workdir: str):
     writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
     writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
     return is_main, writer
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient accumulation
+# ----------------------------------------------------------------------------------------
+
+
+def split_microbatches(tree, k: int):
+    """``[B, ...] -> [k, B/k, ...]`` for every leaf; microbatch ``i`` holds rows ``i, i+k,
+    i+2k, ...``. The batch dimension is sharded in contiguous blocks, one per device, so
+    with ``B/k`` divisible by the device count every device keeps exactly its own rows in
+    every microbatch: the split moves no data between devices."""
+    def split(x):
+        b = x.shape[0]
+        if b % k:
+            raise ValueError(f"batch dimension {b} is not divisible by {k} microbatches")
+        return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def microbatch_mean(fn, xs, k: int, carry=None):
+    """Mean of ``fn``'s outputs over ``k`` microbatches of ``xs``, run one after another.
+
+    ``fn(xs_i, i, carry) -> (out, carry)``: ``out`` is a pytree of arrays (gradients,
+    scalar losses) averaged over the microbatches, ``carry`` state threaded through them
+    (e.g. BatchNorm running statistics). With ``k == 1`` this is ``fn(xs, 0, carry)``,
+    the same program as without accumulation. Otherwise the microbatches run in a
+    ``lax.scan``, so activations live for one microbatch at a time, and the sums are kept
+    in float32 (then cast back), so bf16 gradients do not lose bits to the accumulation.
+    Equal microbatches make the mean of their batch-mean losses the loss of the whole batch.
+    """
+    if k == 1:
+        return fn(xs, jnp.int32(0), carry)
+    mbs = split_microbatches(xs, k)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    out_shapes = jax.eval_shape(lambda a, c: fn(a, jnp.int32(0), c)[0], first, carry)
+
+    def acc_dtype(d):
+        return jnp.float32 if jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits < 32 else d
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)), out_shapes)
+
+    def body(c, inp):
+        total, carry = c
+        mb, i = inp
+        out, carry = fn(mb, i, carry)
+        total = jax.tree.map(lambda a, o: a + o.astype(a.dtype), total, out)
+        return (total, carry), None
+
+    (total, carry), _ = jax.lax.scan(body, (zeros, carry), (mbs, jnp.arange(k, dtype=jnp.int32)))
+    mean = jax.tree.map(lambda a, s: (a / k).astype(s.dtype), total, out_shapes)
+    return mean, carry

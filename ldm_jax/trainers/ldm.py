@@ -35,7 +35,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once, param_count,
+from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once,
+                                     microbatch_mean, param_count,
                                      prepare_workdir, tree_where)
 
 log = logging.getLogger("ldm_jax")
@@ -125,13 +126,18 @@ def encode(models: Models, ae_state: Any, images: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(ae.encode_moments(images))
 
 
-def to_latent(models: Models, config, ae_state, batch: dict, key, scale) -> jax.Array:
-    """The diffusion model's data x0 for this batch (scaled latents, or pixels)."""
+def to_latent(models: Models, config, ae_state, batch: dict, key, scale, eps=None) -> jax.Array:
+    """The diffusion model's data x0 for this batch (scaled latents, or pixels). A sampled
+    posterior uses the standard normal ``eps`` of the latent shape when given, else draws
+    it from ``key``."""
     if config.space == "pixel":
         return batch["image"].astype(jnp.float32)
     moments = batch["moments"] if "moments" in batch else encode(models, ae_state, batch["image"])
     post = DiagonalGaussian(moments)
-    z = post.sample(key) if config.latent.sample_posterior else post.mode()
+    if not config.latent.sample_posterior:
+        z = post.mode()
+    else:
+        z = post.reparameterize(eps) if eps is not None else post.sample(key)
     return z * scale
 
 
@@ -147,38 +153,89 @@ def decode(models: Models, config, ae_state, z: jax.Array, scale) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 
 
-def make_loss_fn(models: Models, config: ml_collections.ConfigDict, sched: diffusion.Schedule) -> Callable:
-    """``(params, rest, ae_state, batch, scale, keys) -> loss``: the training loss of one
-    batch, ``keys = (posterior, loss, dropout, label-dropout)`` PRNG keys."""
+def data_shape(models: Models, config, ae_state, batch: dict) -> tuple[int, ...]:
+    """Shape of the diffusion data x0 of ``batch`` (latents or pixels), without computing it."""
+    if config.space == "pixel":
+        return tuple(batch["image"].shape)
+    if "moments" in batch:
+        m = batch["moments"].shape
+    else:
+        m = jax.eval_shape(lambda st, x: encode(models, st, x), ae_state, batch["image"]).shape
+    return (*m[:-1], m[-1] // 2)
+
+
+def draw_batch_noise(models: Models, config, sched: diffusion.Schedule, ae_state, batch: dict,
+                     keys) -> dict:
+    """Every random draw of the training loss for the whole batch: posterior noise, ``t``,
+    diffusion noise and the classifier-free-guidance label drop mask. Drawn before the
+    batch is split into microbatches, so ``optim.grad_accum_steps`` does not change them
+    (only U-Net dropout masks, drawn inside the network, differ)."""
+    k_post, k_loss, _, k_lab = keys
+    shape = data_shape(models, config, ae_state, batch)
+    out = {}
+    if config.space == "latent" and config.latent.sample_posterior:
+        out["eps_post"] = jax.random.normal(k_post, shape, jnp.float32)
+    out["t"], out["noise"] = diffusion.draw_t_noise(sched, k_loss, shape)
+    if int(config.model.num_classes):
+        out["drop"] = jax.random.bernoulli(k_lab, config.diffusion.label_dropout, (shape[0],))
+    return out
+
+
+def make_noised_loss_fn(models: Models, config: ml_collections.ConfigDict,
+                        sched: diffusion.Schedule) -> Callable:
+    """``(params, rest, ae_state, batch, scale, noise, dropout_key) -> loss`` with the
+    draws of ``draw_batch_noise`` (for this batch or microbatch) in ``noise``."""
     d = config.diffusion
     num_classes = int(config.model.num_classes)
     use_dropout = config.model.dropout > 0
 
-    def loss_fn(params, rest, ae_state, batch, scale, keys):
-        k_post, k_loss, k_drop, k_lab = keys
-        x0 = to_latent(models, config, ae_state, batch, k_post, scale)
+    def loss_fn(params, rest, ae_state, batch, scale, noise, k_drop):
+        x0 = to_latent(models, config, ae_state, batch, None, scale, eps=noise.get("eps_post"))
         y = None
         if num_classes:
-            y = batch["label"].astype(jnp.int32)
-            drop = jax.random.bernoulli(k_lab, d.label_dropout, y.shape)
-            y = jnp.where(drop, num_classes, y)
+            y = jnp.where(noise["drop"], num_classes, batch["label"].astype(jnp.int32))
         unet = nnx.merge(models.unet, params, rest)
         fn = lambda xt, t: unet(xt, t, y, dropout_key=k_drop if use_dropout else None)  # noqa: E731
-        loss, _ = diffusion.diffusion_loss(sched, fn, x0, k_loss, prediction=d.prediction,
-                                           min_snr_gamma=d.min_snr_gamma)
+        loss, _ = diffusion.diffusion_loss(sched, fn, x0, None, prediction=d.prediction,
+                                           min_snr_gamma=d.min_snr_gamma,
+                                           t=noise["t"], noise=noise["noise"])
         return loss
+
+    return loss_fn
+
+
+def make_loss_fn(models: Models, config: ml_collections.ConfigDict, sched: diffusion.Schedule) -> Callable:
+    """``(params, rest, ae_state, batch, scale, keys) -> loss``: the training loss of one
+    batch, ``keys = (posterior, loss, dropout, label-dropout)`` PRNG keys."""
+    noised = make_noised_loss_fn(models, config, sched)
+
+    def loss_fn(params, rest, ae_state, batch, scale, keys):
+        noise = draw_batch_noise(models, config, sched, ae_state, batch, keys)
+        return noised(params, rest, ae_state, batch, scale, noise, keys[2])
 
     return loss_fn
 
 
 def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn,
                     sched: diffusion.Schedule) -> Callable:
-    loss_fn = make_loss_fn(models, config, sched)
+    """The pure step ``(state, ae_state, batch, metrics) -> (state, metrics)``. With
+    ``optim.grad_accum_steps = k > 1`` the batch runs as ``k`` microbatches in one jitted
+    step and their mean gradient is applied once (``common.microbatch_mean``)."""
+    noised = make_noised_loss_fn(models, config, sched)
+    n_micro = int(config.optim.grad_accum_steps)
 
     def step_fn(state: TrainState, ae_state: Any, batch: dict, acc: Any):
         rng, *keys = jax.random.split(state.rng, 5)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.rest, ae_state, batch,
-                                                  state.scale_factor, tuple(keys))
+        noise = draw_batch_noise(models, config, sched, ae_state, batch, keys)
+        k_drop = keys[2]
+
+        def microbatch(mb, i, _):
+            key = k_drop if n_micro == 1 else jax.random.fold_in(k_drop, i)
+            loss, grads = jax.value_and_grad(noised)(state.params, state.rest, ae_state, mb["batch"],
+                                                     state.scale_factor, mb["noise"], key)
+            return (loss, grads), None
+
+        (loss, grads), _ = microbatch_mean(microbatch, {"batch": batch, "noise": noise}, n_micro)
         updates, opt = tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(config, state.step)

@@ -13,6 +13,14 @@ every parameter, optimizer and normalisation state unchanged and is counted.
 
 Real and fake images go through the discriminator in separate calls, as in CompVis, so
 BatchNorm statistics are those of each batch (global across the mesh inside ``jit``).
+
+With ``optim.grad_accum_steps = k > 1`` the global batch is split into ``k`` microbatches
+that run one after another inside the same jitted step (``common.microbatch_mean``): both
+optimizers then apply the mean of the microbatches' gradients once, so activations need
+the memory of ``global_batch_size / k`` images. As with gradient accumulation in PyTorch
+Lightning (CompVis' ``accumulate_grad_batches``), the adaptive weight and the
+discriminator's BatchNorm statistics are those of each microbatch; before the
+discriminator starts, the step equals the step on the whole batch.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
+                                     microbatch_mean,
                                      log_once as _log_once, prepare_workdir,
                                      tree_where as _tree_where)
 
@@ -115,74 +124,95 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
     L = config.loss
     d_loss_fn = losses.D_LOSSES[L.disc_loss]
 
+    ae_cfg = AutoencoderConfig.from_dict(config.model)
+    n_micro = int(config.optim.grad_accum_steps)
+
     def step_fn(state: TrainState, lpips_state: Any, batch: dict, acc: Any):
-        x = batch["image"]
+        images = batch["image"]
         rng, k_sample = jax.random.split(state.rng)
         factor = losses.disc_factor(state.step, L.disc_start, L.disc_factor)
-
-        # --- autoencoder forward (kept for one backward pass) ---------------------------
-        def ae_forward(ae_params):
-            ae = nnx.merge(models.ae, ae_params, _fresh(state.ae_rest))
-            moments = ae.encode_moments(x)
-            z = DiagonalGaussian(moments).sample(k_sample)
-            h = ae.decode_features(z)
-            recon = ae.decoder.conv_out(h)
-            return (recon, h, moments), nnx.split(ae, nnx.Param, ...)[2]
-
+        # The posterior noise of the whole batch is drawn before it is split into
+        # microbatches, so grad_accum_steps changes memory, not the samples.
+        f = ae_cfg.downsample_factor
+        b, hgt, wid = images.shape[:3]
+        eps = jax.random.normal(k_sample, (b, hgt // f, wid // f, ae_cfg.embed_dim), jnp.float32)
         ae_params = state.gen_params["ae"]
-        (recon, h, moments), ae_vjp, ae_rest = jax.vjp(ae_forward, ae_params, has_aux=True)
-        recon32 = recon.astype(jnp.float32)
 
-        # --- reconstruction NLL, gradient at the reconstruction --------------------------
-        def nll_fn(r, logvar):
-            p = None
-            if models.lpips is not None and L.perceptual_weight > 0:
-                p = nnx.merge(models.lpips, lpips_state)(x, r)
-            rec = losses.reconstruction_loss(x, r, p, L.perceptual_weight)
-            pl = jnp.mean(p) if p is not None else jnp.float32(0.0)
-            return losses.nll_loss(rec, logvar), (jnp.mean(rec), pl)
+        def microbatch(mb, _, carry):
+            x = mb["image"]
+            disc_stats, ae_rest = carry
 
-        (nll, (rec_mean, p_mean)), (g_r_nll, g_logvar) = jax.value_and_grad(
-            nll_fn, argnums=(0, 1), has_aux=True)(recon32, state.gen_params["logvar"])
+            # --- autoencoder forward (kept for one backward pass) -----------------------
+            def ae_forward(ae_params):
+                ae = nnx.merge(models.ae, ae_params, _fresh(ae_rest))
+                moments = ae.encode_moments(x)
+                z = DiagonalGaussian(moments).reparameterize(mb["eps"])
+                h = ae.decode_features(z)
+                recon = ae.decoder.conv_out(h)
+                return (recon, h, moments), nnx.split(ae, nnx.Param, ...)[2]
 
-        # --- generator loss through the discriminator ------------------------------------
-        def g_fn(r):
-            disc = nnx.merge(models.disc, _fresh(state.disc_params), _fresh(state.disc_stats))
-            logits = disc(r)
-            return losses.generator_loss(logits, L.gen_loss), nnx.split(disc, nnx.Param, ...)[2]
+            (recon, h, moments), ae_vjp, ae_rest = jax.vjp(ae_forward, ae_params, has_aux=True)
+            recon32 = recon.astype(jnp.float32)
 
-        (g_loss, disc_stats), g_r_g = jax.value_and_grad(g_fn, has_aux=True)(recon32)
+            # --- reconstruction NLL, gradient at the reconstruction ----------------------
+            def nll_fn(r, logvar):
+                p = None
+                if models.lpips is not None and L.perceptual_weight > 0:
+                    p = nnx.merge(models.lpips, lpips_state)(x, r)
+                rec = losses.reconstruction_loss(x, r, p, L.perceptual_weight)
+                pl = jnp.mean(p) if p is not None else jnp.float32(0.0)
+                return losses.nll_loss(rec, logvar), (jnp.mean(rec), pl)
 
-        # --- KL on the posterior moments --------------------------------------------------
-        kl_fn = lambda m: losses.kl_loss(DiagonalGaussian(m).kl())  # noqa: E731
-        kl, g_moments = jax.value_and_grad(kl_fn)(moments)
+            (nll, (rec_mean, p_mean)), (g_r_nll, g_logvar) = jax.value_and_grad(
+                nll_fn, argnums=(0, 1), has_aux=True)(recon32, state.gen_params["logvar"])
 
-        # --- adaptive weight at the decoder's last layer ----------------------------------
-        conv_out = ae_params["decoder"]["conv_out"]
-        _, head_vjp = jax.vjp(lambda k: _last_layer_head(h, k, conv_out["bias"][...]),
-                              conv_out["kernel"][...])
-        d_weight = losses.adaptive_weight(head_vjp(g_r_nll)[0], head_vjp(g_r_g)[0],
-                                          L.disc_weight, L.max_adaptive_weight)
-        g_scale = d_weight * factor
-        total = nll + L.kl_weight * kl + g_scale * g_loss
+            # --- generator loss through the discriminator --------------------------------
+            def g_fn(r):
+                disc = nnx.merge(models.disc, _fresh(state.disc_params), _fresh(disc_stats))
+                logits = disc(r)
+                return losses.generator_loss(logits, L.gen_loss), nnx.split(disc, nnx.Param, ...)[2]
 
-        (g_ae,) = ae_vjp((
-            (g_r_nll + g_scale * g_r_g).astype(recon.dtype),
-            jnp.zeros_like(h),
-            (L.kl_weight * g_moments).astype(moments.dtype),
-        ))
-        gen_grads = {"ae": g_ae, "logvar": g_logvar}
+            (g_loss, disc_stats), g_r_g = jax.value_and_grad(g_fn, has_aux=True)(recon32)
 
-        # --- discriminator -----------------------------------------------------------------
-        fake = jax.lax.stop_gradient(recon32)
+            # --- KL on the posterior moments ----------------------------------------------
+            kl_fn = lambda m: losses.kl_loss(DiagonalGaussian(m).kl())  # noqa: E731
+            kl, g_moments = jax.value_and_grad(kl_fn)(moments)
 
-        def disc_loss_fn(params, stats):
-            disc = nnx.merge(models.disc, params, _fresh(stats))
-            lr_, lf_ = disc(x), disc(fake)
-            return factor * d_loss_fn(lr_, lf_), (nnx.split(disc, nnx.Param, ...)[2], lr_, lf_)
+            # --- adaptive weight at the decoder's last layer (per microbatch) -------------
+            conv_out = ae_params["decoder"]["conv_out"]
+            _, head_vjp = jax.vjp(lambda k: _last_layer_head(h, k, conv_out["bias"][...]),
+                                  conv_out["kernel"][...])
+            d_weight = losses.adaptive_weight(head_vjp(g_r_nll)[0], head_vjp(g_r_g)[0],
+                                              L.disc_weight, L.max_adaptive_weight)
+            g_scale = d_weight * factor
+            total = nll + L.kl_weight * kl + g_scale * g_loss
 
-        (d_loss, (disc_stats, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
-            disc_loss_fn, has_aux=True)(state.disc_params, disc_stats)
+            (g_ae,) = ae_vjp((
+                (g_r_nll + g_scale * g_r_g).astype(recon.dtype),
+                jnp.zeros_like(h),
+                (L.kl_weight * g_moments).astype(moments.dtype),
+            ))
+
+            # --- discriminator -------------------------------------------------------------
+            fake = jax.lax.stop_gradient(recon32)
+
+            def disc_loss_fn(params, stats):
+                disc = nnx.merge(models.disc, params, _fresh(stats))
+                lr_, lf_ = disc(x), disc(fake)
+                return factor * d_loss_fn(lr_, lf_), (nnx.split(disc, nnx.Param, ...)[2], lr_, lf_)
+
+            (d_loss, (disc_stats, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
+                disc_loss_fn, has_aux=True)(state.disc_params, disc_stats)
+            scalars = dict(total=total, nll=nll, rec=rec_mean, p=p_mean, kl=kl, g_loss=g_loss,
+                           d_loss=d_loss, d_weight=d_weight, logits_real=jnp.mean(logits_real),
+                           logits_fake=jnp.mean(logits_fake))
+            out = dict(gen={"ae": g_ae, "logvar": g_logvar}, disc=disc_grads, scalars=scalars)
+            return out, (disc_stats, ae_rest)
+
+        out, (disc_stats, ae_rest) = microbatch_mean(
+            microbatch, {"image": images, "eps": eps}, n_micro, (state.disc_stats, state.ae_rest))
+        gen_grads, disc_grads, sc = out["gen"], out["disc"], out["scalars"]
+        total, d_loss = sc["total"], sc["d_loss"]
 
         # --- updates, guarded ---------------------------------------------------------------
         gen_upd, gen_opt = gen_tx.update(gen_grads, state.gen_opt, state.gen_params)
@@ -201,10 +231,10 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
 
         out = dict(
-            loss=total, nll_loss=nll, rec_loss=rec_mean, p_loss=p_mean, kl_loss=kl, g_loss=g_loss,
-            d_loss=d_loss, d_weight=d_weight, disc_factor=factor,
-            logvar=state.gen_params["logvar"], logits_real=jnp.mean(logits_real),
-            logits_fake=jnp.mean(logits_fake), gen_grad_norm=gen_norm,
+            loss=total, nll_loss=sc["nll"], rec_loss=sc["rec"], p_loss=sc["p"], kl_loss=sc["kl"],
+            g_loss=sc["g_loss"], d_loss=d_loss, d_weight=sc["d_weight"], disc_factor=factor,
+            logvar=state.gen_params["logvar"], logits_real=sc["logits_real"],
+            logits_fake=sc["logits_fake"], gen_grad_norm=gen_norm,
             disc_grad_norm=disc_norm,
             skipped=(~finite).astype(jnp.float32))
         # Keep non-finite values out of the running averages; `skipped` counts them.
