@@ -76,6 +76,10 @@ def vae_base_config() -> ml_collections.ConfigDict:
             b1=0.5,
             b2=0.9,
             warmup_steps=0,
+            # after warm-up: "constant" (CompVis), "cosine" or "linear" decay to
+            # min_lr_ratio * lr at num_train_steps
+            lr_decay="constant",
+            min_lr_ratio=0.0,
             grad_clip_norm=0.0,  # 0 disables
             # k > 1: each step runs the global batch as k microbatches, one after another,
             # and applies their mean gradient once (activation memory of global/k images)
@@ -233,6 +237,7 @@ INTERVAL_KEYS = (
     "log_every_steps", "eval_every_steps", "image_every_steps", "checkpoint_every_steps"
 )
 DATA_SOURCES = ("embedded", "folder", "tfds")
+LR_DECAYS = ("constant", "cosine", "linear")
 
 
 def _raise_if_invalid(errors: list[str]) -> None:
@@ -262,6 +267,7 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
     * ``data.source`` is one of ``DATA_SOURCES``; a ``folder`` source needs ``data.path``
       and a ``tfds`` one ``data.tfds_name``;
     * with ``num_devices``, ``global_batch_size`` and ``eval_batch_size`` are divisible by it;
+    * ``optim.lr_decay`` / ``min_lr_ratio`` are valid and a decay has steps after warm-up;
     * ``optim.grad_accum_steps`` is >= 1 and divides ``global_batch_size`` into microbatches
       that are divisible by ``num_devices``.
     """
@@ -278,6 +284,13 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
             need(c[k] % num_devices == 0,
                  f"{k}={c[k]} is not divisible by the {num_devices} devices of the mesh; "
                  f"use a multiple of {num_devices}")
+    need(c.optim.lr_decay in LR_DECAYS,
+         f"optim.lr_decay must be one of {LR_DECAYS}, got {c.optim.lr_decay!r}")
+    need(0.0 <= c.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
+    if c.optim.lr_decay != "constant":
+        need(c.optim.warmup_steps < c.num_train_steps,
+             f"optim.lr_decay={c.optim.lr_decay!r} decays after the warm-up, but warmup_steps="
+             f"{c.optim.warmup_steps} >= num_train_steps={c.num_train_steps}")
     accum = c.optim.grad_accum_steps
     need(isinstance(accum, int) and accum >= 1, f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
     if isinstance(accum, int) and accum > 1:
@@ -403,6 +416,8 @@ def ldm_base_config() -> ml_collections.ConfigDict:
         b2=0.999,
         weight_decay=0.0,
         warmup_steps=1_000,
+        lr_decay="constant",  # or "cosine" / "linear" to min_lr_ratio * lr at num_train_steps
+        min_lr_ratio=0.0,
         grad_clip_norm=1.0,  # 0 disables
         grad_accum_steps=1,  # k > 1: the global batch as k sequential microbatches per step
     ))

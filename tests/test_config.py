@@ -116,6 +116,8 @@ def test_group_replaced_by_scalar_rejected():
         ("model.double_z", False, "double_z"),
         ("data.source", "s3", "s3"),
         ("optim.b1", 1.0, "b1"),
+        ("optim.lr_decay", "step", "lr_decay.*step"),
+        ("optim.min_lr_ratio", 1.5, "min_lr_ratio"),
         ("trainer", "ldm", "ldm"),
     ],
 )
@@ -145,6 +147,37 @@ def test_batch_not_divisible_by_devices():
     c.global_batch_size = 16
     c.eval_batch_size = 4
     _invalid(c, r"eval_batch_size=4", num_devices=8)
+
+
+def test_lr_schedules():
+    """Warm-up then constant / cosine / linear decay to min_lr_ratio at num_train_steps;
+    the LDM trainer's lr_fn is that schedule."""
+    import math
+
+    from ldm_jax.trainers import common, ldm
+
+    o = ml_collections.ConfigDict(dict(warmup_steps=10, lr_decay="constant", min_lr_ratio=0.1))
+    lr = lambda s: float(common.lr_schedule(2.0, o, 110)(s))  # noqa: E731
+    assert [lr(s) for s in (0, 5, 10, 50, 110, 500)] == pytest.approx([0, 1, 2, 2, 2, 2])
+    o.lr_decay = "cosine"
+    for s in (10, 35, 60, 85, 110, 500):
+        u = min(s - 10, 100) / 100
+        assert lr(s) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * u))), rel=1e-5), s
+    assert lr(5) == pytest.approx(1.0)
+    o.lr_decay = "linear"
+    assert [lr(s) for s in (10, 60, 110, 500)] == pytest.approx([2.0, 1.1, 0.2, 0.2], rel=1e-5)
+    o.warmup_steps = 0
+    assert lr(0) == pytest.approx(2.0) and lr(110) == pytest.approx(0.2)
+
+    c = config_lib.load_config(os.path.join(CONFIGS, "ldm_f8.py:tiny"))
+    c.autoencoder_path = "unused"
+    c.num_train_steps, c.optim.warmup_steps, c.optim.lr_decay = 20, 4, "cosine"
+    config_lib.validate_ldm_config(c)
+    _, lr_fn = ldm.make_optimizer(c)
+    assert float(lr_fn(4)) == pytest.approx(c.optim.lr) and float(lr_fn(20)) == pytest.approx(0.0, abs=1e-12)
+    c.optim.warmup_steps = 20
+    with pytest.raises(ValueError, match="warmup_steps=20 >= num_train_steps=20"):
+        config_lib.validate_ldm_config(c)
 
 
 def test_folder_source_needs_path():

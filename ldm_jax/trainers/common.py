@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from ldm_jax.config_lib import LR_DECAYS
 
 log = logging.getLogger("ldm_jax")
 
@@ -40,6 +42,26 @@ def finite_and_norm(loss, grads) -> tuple[jax.Array, jax.Array]:
     clipping transform's identical norm computation is merged with this one by XLA."""
     norm = global_norm(grads)
     return jnp.isfinite(loss) & jnp.isfinite(norm), norm
+
+
+def lr_schedule(peak: float, optim, total_steps: int) -> Callable[[Any], jax.Array]:
+    """Learning rate by step: a linear warm-up from 0 over ``optim.warmup_steps`` steps,
+    then ``optim.lr_decay``: ``constant`` (CompVis), or ``cosine`` / ``linear`` decay to
+    ``optim.min_lr_ratio * peak`` at ``total_steps`` (the run's ``num_train_steps``; held
+    there after it)."""
+    warmup, decay = int(optim.warmup_steps), optim.lr_decay
+    if decay not in LR_DECAYS:
+        raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+    end, span = peak * float(optim.min_lr_ratio), max(int(total_steps) - warmup, 1)
+    if decay == "constant":
+        after = optax.constant_schedule(peak)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, span, alpha=float(optim.min_lr_ratio))
+    else:
+        after = optax.linear_schedule(peak, end, span)
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def abstract_with_shardings(tree, shardings):

@@ -36,7 +36,7 @@ from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once,
-                                     microbatch_mean, param_count,
+                                     lr_schedule, microbatch_mean, param_count,
                                      prepare_workdir, tree_where)
 
 log = logging.getLogger("ldm_jax")
@@ -85,8 +85,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
     o = config.optim
-    lr = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps > 0
-          else optax.constant_schedule(o.lr))
+    lr = lr_schedule(o.lr, o, config.num_train_steps)
     parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr

@@ -47,7 +47,7 @@ from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
-                                     microbatch_mean,
+                                     lr_schedule, microbatch_mean,
                                      log_once as _log_once, prepare_workdir,
                                      tree_where as _tree_where)
 
@@ -101,8 +101,7 @@ def learning_rates(config: ml_collections.ConfigDict) -> tuple[float, float]:
 
 def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     o = config.optim
-    schedule = (optax.linear_schedule(0.0, lr, o.warmup_steps) if o.warmup_steps > 0
-                else optax.constant_schedule(lr))
+    schedule = lr_schedule(lr, o, config.num_train_steps)
     parts = []
     if o.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
