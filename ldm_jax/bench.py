@@ -160,12 +160,23 @@ def _abstract_only(workload: str, config_spec: str, config, batch: int, mesh, fn
     return _flops_only(workload, config_spec, config, batch, mesh.size, counted, **extra)
 
 
+_LAST_HLO: list = [None, ""]  # (compiled, its optimized HLO text): printed once per program
+
+
+def _hlo_text(compiled) -> str:
+    """``compiled.as_text()``, kept for the last program (the statistics and ``--profile``
+    both read it; printing a large program takes seconds)."""
+    if _LAST_HLO[0] is not compiled:
+        _LAST_HLO[:] = [compiled, compiled.as_text()]
+    return _LAST_HLO[1]
+
+
 def _compiled_stats(compiled, mesh) -> dict:
     """Kernel launches / bytes moved (ldm_jax.hlo_stats) and XLA's memory estimate of a
     compiled step, per device, and the device it was compiled for."""
     from ldm_jax import hlo_stats
 
-    text = compiled.as_text()
+    text = _hlo_text(compiled)
     if _DUMP_HLO:
         os.makedirs(os.path.dirname(os.path.abspath(_DUMP_HLO)) or ".", exist_ok=True)
         with open(_DUMP_HLO, "w") as f:
@@ -222,7 +233,7 @@ def _profile(run, compiled, result: dict) -> dict:
             for _ in range(n):
                 run()
             profiled_s = (time.perf_counter() - t0) / n
-        summary = trace_stats.summarize(trace_stats.latest_trace(directory), compiled.as_text(),
+        summary = trace_stats.summarize(trace_stats.latest_trace(directory), _hlo_text(compiled),
                                         steps=n, step_s=result["step_s_median"],
                                         platform=jax.devices()[0].platform)
         summary["profiled_step_s"] = profiled_s  # under the profiler: its overhead included

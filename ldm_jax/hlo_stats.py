@@ -203,12 +203,25 @@ def _callees(ins: dict) -> list[str]:
     return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
 
 
+_LAST_KERNELS: list = [None, None]  # (hlo text, _walk_kernels of it): the last program walked
+
+
 def _kernels(hlo_text: str) -> tuple[list[dict], list[dict], list[str], list[str]]:
     """``(kernels, loops, notes, controls)``: every kernel instruction of the program, as
     ``{"name", "op", "kind", "phase", "bytes", "count"}`` (``bytes`` moved per execution,
     ``count`` executions per program run: the product of the enclosing loops' trip counts).
     ``loops`` lists the ``while`` loops; ``call`` / ``conditional`` / ``while`` themselves
-    launch nothing (their computations' kernels are listed)."""
+    launch nothing (their computations' kernels are listed).
+
+    The last program's walk is kept, so ``kernel_stats`` and ``kernel_table`` of the same
+    text (bench ``--profile``) parse a large program once; callers get fresh copies."""
+    if _LAST_KERNELS[0] is not hlo_text and _LAST_KERNELS[0] != hlo_text:
+        _LAST_KERNELS[:] = [hlo_text, _walk_kernels(hlo_text)]
+    kernels, loops, notes, controls = _LAST_KERNELS[1]
+    return ([dict(k) for k in kernels], [dict(x) for x in loops], list(notes), list(controls))
+
+
+def _walk_kernels(hlo_text: str) -> tuple[list[dict], list[dict], list[str], list[str]]:
     comps, entry = parse_computations(hlo_text)
     kernels: list[dict] = []
     notes: list[str] = []

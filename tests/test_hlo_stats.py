@@ -52,6 +52,24 @@ def test_loop_body_counted_trip_count_times():
     assert (s14["bytes_moved"] - s7["bytes_moved"]) / 7 >= 8000
 
 
+def test_stats_and_table_of_one_program_parse_it_once(monkeypatch):
+    """bench --profile reads the same program twice (statistics, trace join): one parse,
+    and what the callers get are copies."""
+    text = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, v: jnp.sin(v), x)).lower(
+        jnp.zeros(64)).compile().as_text()
+    calls = []
+    real = hlo_stats.parse_computations
+    monkeypatch.setattr(hlo_stats, "parse_computations", lambda t: calls.append(1) or real(t))
+    first = hlo_stats.kernel_stats(text)
+    first["loops"][0]["trip_count"] = -1
+    table, _ = hlo_stats.kernel_table(text)
+    again = hlo_stats.kernel_stats(text)
+    assert len(calls) == 1
+    assert again["loops"][0]["trip_count"] == 3 and sum(k["count"] for k in table.values()) == again["launches"]
+    hlo_stats.kernel_stats(text.replace("HloModule", "HloModule ", 1))  # another text: parsed
+    assert len(calls) == 2
+
+
 def test_conditional_branches_are_walked():
     f = lambda p, x: jax.lax.cond(p, lambda v: jnp.sin(v) * 2, lambda v: jnp.cos(v) + 1, x)  # noqa: E731
     s, _ = _stats(f, True, jnp.zeros(1000))
