@@ -292,8 +292,9 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
              f"optim.lr_decay={c.optim.lr_decay!r} decays after the warm-up, but warmup_steps="
              f"{c.optim.warmup_steps} >= num_train_steps={c.num_train_steps}")
     accum = c.optim.grad_accum_steps
-    need(isinstance(accum, int) and accum >= 1, f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
-    if isinstance(accum, int) and accum > 1:
+    accum_ok = isinstance(accum, int) and accum >= 1
+    need(accum_ok, f"optim.grad_accum_steps must be an integer >= 1, got {accum!r}")
+    if accum_ok and accum > 1:
         micro, rem = divmod(c.global_batch_size, accum)
         need(rem == 0, f"global_batch_size={c.global_batch_size} is not divisible by "
              f"optim.grad_accum_steps={accum}")

@@ -202,16 +202,15 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
 
             (d_loss, (disc_stats, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
                 disc_loss_fn, has_aux=True)(state.disc_params, disc_stats)
-            scalars = dict(total=total, nll=nll, rec=rec_mean, p=p_mean, kl=kl, g_loss=g_loss,
-                           d_loss=d_loss, d_weight=d_weight, logits_real=jnp.mean(logits_real),
-                           logits_fake=jnp.mean(logits_fake))
+            scalars = dict(loss=total, nll_loss=nll, rec_loss=rec_mean, p_loss=p_mean, kl_loss=kl,
+                           g_loss=g_loss, d_loss=d_loss, d_weight=d_weight,
+                           logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
             out = dict(gen={"ae": g_ae, "logvar": g_logvar}, disc=disc_grads, scalars=scalars)
             return out, (disc_stats, ae_rest)
 
         out, (disc_stats, ae_rest) = microbatch_mean(
             microbatch, {"image": images, "eps": eps}, n_micro, (state.disc_stats, state.ae_rest))
-        gen_grads, disc_grads, sc = out["gen"], out["disc"], out["scalars"]
-        total, d_loss = sc["total"], sc["d_loss"]
+        gen_grads, disc_grads, scalars = out["gen"], out["disc"], out["scalars"]
 
         # --- updates, guarded ---------------------------------------------------------------
         gen_upd, gen_opt = gen_tx.update(gen_grads, state.gen_opt, state.gen_params)
@@ -220,8 +219,8 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             gen_params=optax.apply_updates(state.gen_params, gen_upd),
             disc_params=optax.apply_updates(state.disc_params, disc_upd),
             gen_opt=gen_opt, disc_opt=disc_opt, disc_stats=disc_stats, ae_rest=ae_rest)
-        gen_ok, gen_norm = finite_and_norm(total, gen_grads)
-        disc_ok, disc_norm = finite_and_norm(d_loss, disc_grads)
+        gen_ok, gen_norm = finite_and_norm(scalars["loss"], gen_grads)
+        disc_ok, disc_norm = finite_and_norm(scalars["d_loss"], disc_grads)
         finite = gen_ok & disc_ok
         old = {k: getattr(state, k) for k in candidate}
         new_state = state.replace(
@@ -230,11 +229,8 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
 
         out = dict(
-            loss=total, nll_loss=sc["nll"], rec_loss=sc["rec"], p_loss=sc["p"], kl_loss=sc["kl"],
-            g_loss=sc["g_loss"], d_loss=d_loss, d_weight=sc["d_weight"], disc_factor=factor,
-            logvar=state.gen_params["logvar"], logits_real=sc["logits_real"],
-            logits_fake=sc["logits_fake"], gen_grad_norm=gen_norm,
-            disc_grad_norm=disc_norm,
+            scalars, disc_factor=factor, logvar=state.gen_params["logvar"],
+            gen_grad_norm=gen_norm, disc_grad_norm=disc_norm,
             skipped=(~finite).astype(jnp.float32))
         # Keep non-finite values out of the running averages; `skipped` counts them.
         out = {k: jnp.where(jnp.isfinite(v), v, 0.0).astype(jnp.float32) for k, v in out.items()}
