@@ -245,6 +245,12 @@ def _profile(run, compiled, result: dict) -> dict:
     return dict(result, profile=summary)
 
 
+def _remat_fields(config) -> dict:
+    """``remat`` (on / off) and the policy it runs under (``model.remat_policy``; None off)."""
+    on = bool(config.model.remat)
+    return {"remat": on, "remat_policy": str(config.model.remat_policy) if on else None}
+
+
 def _report(workload: str, config_spec: str, config, batch: int, steps: int, times, total,
             compile_s: float, counted: dict, xla_flops: float, n_dev: int,
             images_per_call: int, **extra) -> dict:
@@ -325,7 +331,8 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
         acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
         return _abstract_only("vae_gan_step", config_spec, config, batch, mesh, step,
                               (state, lp_state, {"image": image}, acc), compile_only,
-                              resolution=res, grad_accum_steps=int(config.optim.grad_accum_steps))
+                              resolution=res, grad_accum_steps=int(config.optim.grad_accum_steps),
+                              **_remat_fields(config))
     rng = np.random.default_rng(0)
     images = [jax.device_put(rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32), batch_sh)
               for _ in range(2)]
@@ -349,7 +356,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
                      counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
                      compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
                      last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]),
-                     grad_accum_steps=int(config.optim.grad_accum_steps))
+                     grad_accum_steps=int(config.optim.grad_accum_steps), **_remat_fields(config))
     return _profile(run, compiled, result)
 
 
@@ -419,7 +426,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                               compile_only, input_shape=list(shape),
                               grad_accum_steps=int(config.optim.grad_accum_steps),
                               params=common.param_count(state.params),
-                              remat=bool(config.model.remat))
+                              **_remat_fields(config))
     rng = np.random.default_rng(0)
     batches = [{key: jax.device_put(rng.normal(size=(batch, *shape[:2], width)).astype(np.float32), batch_sh),
                 "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
@@ -440,7 +447,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
                      compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
-                     remat=bool(config.model.remat), last_loss=float(m["loss"]),
+                     **_remat_fields(config), last_loss=float(m["loss"]),
                      nan_skipped=float(m["skipped"]),
                      grad_accum_steps=int(config.optim.grad_accum_steps))
     result = _profile(run, compiled, result)

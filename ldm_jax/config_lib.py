@@ -45,7 +45,10 @@ def vae_base_config() -> ml_collections.ConfigDict:
             z_channels=4,
             embed_dim=4,
             double_z=True,
-            remat=False,
+            remat=False,  # rematerialise each ResnetBlock in the backward pass
+            # what a rematerialised block keeps: "full" (nothing: least memory) or "minimal"
+            # (conv outputs + GroupNorm statistics: recomputes only elementwise work)
+            remat_policy="full",
         )
     )
     c.disc = ml_collections.ConfigDict(dict(in_channels=3, ndf=64, n_layers=3))
@@ -238,6 +241,8 @@ INTERVAL_KEYS = (
 )
 DATA_SOURCES = ("embedded", "folder", "tfds")
 LR_DECAYS = ("constant", "cosine", "linear")
+# model.remat_policy: what a rematerialised block keeps (ldm_jax.models.layers.remat_policy)
+REMAT_POLICIES = ("full", "minimal")
 
 
 def _raise_if_invalid(errors: list[str]) -> None:
@@ -326,6 +331,8 @@ def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = 
     need(m.z_channels >= 1 and m.embed_dim >= 1, "model.z_channels and model.embed_dim must be >= 1")
     need(bool(m.double_z), "model.double_z must be True for the KL autoencoder")
     need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    need(m.remat_policy in REMAT_POLICIES,
+         f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
     need(c.disc.n_layers >= 1 and c.disc.ndf >= 1, "disc.n_layers and disc.ndf must be >= 1")
     L = c.loss
     need(L.disc_loss in ("hinge", "vanilla"), f"loss.disc_loss must be 'hinge' or 'vanilla', got {L.disc_loss!r}")
@@ -399,7 +406,8 @@ def ldm_base_config() -> ml_collections.ConfigDict:
         use_scale_shift_norm=True,
         norm_eps=1e-5,
         norm_groups=32,
-        remat=False,
+        remat=False,  # rematerialise each ResBlock / attention block in the backward pass
+        remat_policy="full",  # or "minimal": keep conv / projection outputs (see vae_base_config)
         attention_impl="auto",  # "auto" | "xla" | "cudnn" (flash attention, CUDA GPUs)
     ))
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -519,6 +527,8 @@ def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = 
              f"model widths {widths} must be multiples of model.num_head_channels={m.num_head_channels}")
     need(m.num_classes >= 0, "model.num_classes must be >= 0 (0 = unconditional)")
     need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    need(m.remat_policy in REMAT_POLICIES,
+         f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
     d = c.diffusion
     need(d.schedule in LDM_SCHEDULES, f"diffusion.schedule must be one of {LDM_SCHEDULES}, got {d.schedule!r}")
     need(d.prediction in LDM_PREDICTIONS, f"diffusion.prediction must be one of {LDM_PREDICTIONS}, got {d.prediction!r}")

@@ -317,8 +317,10 @@ COMMON_KEYS = ("workload", "config", "batch", "dtype", "steps", "device", "num_d
                "flops_per_step", "tflops_per_s", "mfu", "peak_bf16_flops_per_device",
                "peak_memory_bytes", "flops_source", "flops_breakdown", "xla_cost_analysis_flops")
 EXTRA_KEYS = {
-    "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped", "grad_accum_steps"),
-    "unet_step": ("input_shape", "params", "remat", "last_loss", "nan_skipped", "grad_accum_steps"),
+    "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped", "grad_accum_steps",
+                     "remat", "remat_policy"),
+    "unet_step": ("input_shape", "params", "remat", "remat_policy", "last_loss", "nan_skipped",
+                  "grad_accum_steps"),
     "sample_ddim": ("sampler", "sampler_steps", "cfg_scale", "output_shape", "finite", "decoded",
                     "note"),
 }
@@ -349,6 +351,8 @@ def _check_result(r: dict, workload: str, batch: int, steps: int) -> None:
     for k in MAY_BE_NONE:
         assert r[k] is None or (isinstance(r[k], (int, float)) and r[k] >= 0), k
     assert r["compile_cache"] in ("off", "miss", "hit")
+    if "remat" in r:  # the policy is recorded exactly when remat is on
+        assert r["remat_policy"] in ((None,) if r["remat"] is False else ("full", "minimal")), r
     b = r["flops_breakdown"]
     assert set(b) == set(BREAKDOWN_KEYS)
     assert r["flops_per_step"] == b["matmul"] + b["attention"] + b["conv"]

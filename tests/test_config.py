@@ -114,6 +114,7 @@ def test_group_replaced_by_scalar_rejected():
         ("model.resolution", 33, r"model\.resolution=33.*factor 2"),  # tiny f8: ch_mult (1, 2)
         ("model.ch", 48, "multiples of 32"),
         ("model.double_z", False, "double_z"),
+        ("model.remat_policy", "dots", "remat_policy.*dots"),
         ("data.source", "s3", "s3"),
         ("optim.b1", 1.0, "b1"),
         ("optim.lr_decay", "step", "lr_decay.*step"),

@@ -197,6 +197,8 @@ def test_config_errors_are_clear(ae_dir, tmp_path):
         ldm.train_and_evaluate(c, str(tmp_path))
     with pytest.raises(ValueError, match="sampling.sampler"):
         ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, **{"sampling.sampler": "euler"}), str(tmp_path))
+    with pytest.raises(ValueError, match="model.remat_policy must be one of"):
+        ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, **{"model.remat_policy": "dots"}), str(tmp_path))
     with pytest.raises(ValueError, match="global_batch_size=6 is not divisible"):
         ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, global_batch_size=6), str(tmp_path))
 

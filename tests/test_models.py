@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from ldm_jax import config_lib
+from ldm_jax.flops import count_flops
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample
@@ -486,23 +487,31 @@ def test_discriminator_init_statistics():
 
 def test_remat_same_output_and_gradients():
     cfg = _cfg("vae_f8", "tiny")
-    # One level (no resampling) keeps the two gradient compilations short; the remat
+    # One level (no resampling) keeps the gradient compilations short; the remat
     # wrapping is the same for every ResnetBlock of every level and of both mid blocks.
     cfg.model.ch_mult = (1,)
     cfg.model.resolution = 8
     base = _build(lambda: AutoencoderKL(AutoencoderConfig.from_dict(cfg.model), rngs=nnx.Rngs(0)))
-    cfg.model.remat = True
-    rm_graphdef, _ = nnx.split(
-        nnx.eval_shape(lambda: AutoencoderKL(AutoencoderConfig.from_dict(cfg.model), rngs=nnx.Rngs(0)))
-    )
-    remat = nnx.merge(rm_graphdef, nnx.state(base))  # same parameters
+
+    def with_remat(policy):
+        cfg.model.remat, cfg.model.remat_policy = True, policy
+        graphdef, _ = nnx.split(
+            nnx.eval_shape(lambda: AutoencoderKL(AutoencoderConfig.from_dict(cfg.model), rngs=nnx.Rngs(0))))
+        return nnx.merge(graphdef, nnx.state(base))  # same parameters
+
+    full, minimal = with_remat("full"), with_remat("minimal")
     assert base.encoder.remat is False and base.decoder.remat is False
-    assert remat.encoder.remat is True and remat.decoder.remat is True
+    assert full.encoder.remat is True and full.decoder.remat is True
+    assert (full.encoder.remat_policy, minimal.decoder.remat_policy) == ("full", "minimal")
     x = jnp.asarray(np.random.default_rng(13).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
 
     def loss_fn(m):
         y, post = m(x, jax.random.key(0))
         return jnp.mean(jnp.square(y - x)) + 1e-3 * jnp.mean(post.kl()), y
+
+    def grad_fn(model):
+        gd, st = nnx.split(model)
+        return (lambda st: jax.grad(lambda s: loss_fn(nnx.merge(gd, s))[0])(st)), st
 
     def primitives(model):
         gd, st = nnx.split(model)
@@ -512,15 +521,27 @@ def test_remat_same_output_and_gradients():
     # remat=True really puts the ResnetBlocks under jax.checkpoint (1 encoder + 2 decoder
     # level blocks + 2x2 mid blocks = 7); remat=False has none.
     assert primitives(base) == []
-    assert len(primitives(remat)) == 7
+    assert len(primitives(full)) == len(primitives(minimal)) == 7
+    # "full" reruns every block's convs in the backward; "minimal" keeps the conv outputs
+    # (and GroupNorm statistics) and recomputes no convolution at all.
+    conv = {name: count_flops(*grad_fn(m))["conv"]
+            for name, m in (("base", base), ("full", full), ("minimal", minimal))}
+    assert conv["full"] > conv["base"] == conv["minimal"] > 0
 
     step = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
     (l0, y0), g0 = step(base)
-    (l1, y1), g1 = step(remat)
-    np.testing.assert_allclose(np.asarray(l0), np.asarray(l1), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(y0), np.asarray(y1), rtol=1e-5, atol=1e-6)
-    flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
-    assert len(flat0) == len(flat1) > 0
+    flat0 = jax.tree.leaves(g0)
     assert all(np.abs(np.asarray(g)).max() > 0 for g in flat0)
-    for a, b in zip(flat0, flat1):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    for model in (full, minimal):
+        (l1, y1), g1 = step(model)
+        np.testing.assert_allclose(np.asarray(l0), np.asarray(l1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(y0), np.asarray(y1), rtol=1e-5, atol=1e-6)
+        flat1 = jax.tree.leaves(g1)
+        assert len(flat0) == len(flat1) > 0
+        for a, b in zip(flat0, flat1):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(ValueError, match="remat_policy must be one of"):
+        AutoencoderConfig(remat_policy="conv")
+
+

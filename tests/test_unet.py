@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ldm_jax.flops import count_flops
+from ldm_jax.models.layers import remat_policy
 from ldm_jax.models.unet import (AttentionBlock, Downsample, ResBlock, UNet, UNetConfig,
                                  attention_layout, count_params, timestep_embedding)
 
@@ -313,31 +315,55 @@ def test_dropout_only_with_key_and_rate():
 def test_remat_same_output_and_grads():
     x, t, y = _inputs()
     key = jax.random.PRNGKey(3)
-    # One level (attention at ds 1) keeps the two gradient compilations short.
+    # One level (attention at ds 1) keeps the gradient compilations short.
     small = dict(num_classes=NUM_CLASSES, dropout=0.1, channel_mult=(1,),
                  attention_resolutions=(1,))
-    plain, remat = _build(_cfg(**small)), _build(_cfg(**small, remat=True))
+    plain = _build(_cfg(**small))
+    full = _build(_cfg(**small, remat=True))
+    minimal = _build(_cfg(**small, remat=True, remat_policy="minimal"))
     w = jax.random.normal(jax.random.PRNGKey(4), x.shape)
 
-    def grads(model):
+    def grad_fn(model):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        @jax.jit
         def f(params):
             def loss(p):
                 out = nnx.merge(graphdef, p, rest)(x, t, y, dropout_key=key)
                 return jnp.sum(out * w), out
             return jax.grad(loss, has_aux=True)(params)
 
-        return f(params)
+        return f, params
+
+    def grads(model):
+        f, params = grad_fn(model)
+        return jax.jit(f)(params)
 
     g0, out0 = grads(plain)
-    g1, out1 = grads(remat)
-    np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
-    flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
-    assert len(flat0) == len(flat1) and sum(float(jnp.abs(g).sum()) for g in flat0) > 0
-    for a, b in zip(flat0, flat1):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    flat0 = jax.tree.leaves(g0)
+    assert sum(float(jnp.abs(g).sum()) for g in flat0) > 0
+    for model in (full, minimal):
+        g1, out1 = grads(model)
+        np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
+        flat1 = jax.tree.leaves(g1)
+        assert len(flat0) == len(flat1)
+        for a, b in zip(flat0, flat1):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+    # What each policy recomputes, from the gradient program's analytic FLOPs: "full"
+    # reruns every conv and matmul of the blocks; "minimal" keeps conv and projection
+    # outputs, so only the attention products (batched dots: scores, P.V) run twice.
+    flops = {name: count_flops(*grad_fn(m))
+             for name, m in (("plain", plain), ("full", full), ("minimal", minimal))}
+    assert flops["full"]["conv"] > flops["plain"]["conv"] == flops["minimal"]["conv"] > 0
+    assert flops["full"]["matmul"] > flops["plain"]["matmul"] == flops["minimal"]["matmul"] > 0
+    assert flops["full"]["attention"] == flops["minimal"]["attention"] > flops["plain"]["attention"]
+
+
+def test_remat_policy_names_checked():
+    with pytest.raises(ValueError, match="remat_policy"):
+        _cfg(remat=True, remat_policy="everything")
+    with pytest.raises(ValueError, match="remat_policy must be one of"):
+        remat_policy("dots")
 
 
 def test_jit_over_split_state_matches_eager():

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ldm_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv
+from ldm_jax.models.layers import (AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv,
+                                   remat_policy)
 
 Dtype = Any
 
@@ -34,6 +35,12 @@ class AutoencoderConfig:
     embed_dim: int = 4
     double_z: bool = True
     remat: bool = False
+    # what a rematerialised ResnetBlock keeps: "full" (nothing) or "minimal"
+    # (ldm_jax.models.layers.remat_policy)
+    remat_policy: str = "full"
+
+    def __post_init__(self):
+        remat_policy(self.remat_policy)  # raises for an unknown name
 
     @property
     def downsample_factor(self) -> int:
@@ -78,10 +85,11 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=axes)
 
 
-def _maybe_remat(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
-    if not remat:
+def _maybe_remat(block: nnx.Module, x: jax.Array, remat: str | None) -> jax.Array:
+    """``block(x)``, rematerialised under the policy named ``remat`` (None: not at all)."""
+    if remat is None:
         return block(x)
-    return nnx.remat(lambda m, h: m(h))(block, x)
+    return nnx.remat(lambda m, h: m(h), policy=remat_policy(remat))(block, x)
 
 
 class _Level(nnx.Module):
@@ -94,7 +102,7 @@ class _Level(nnx.Module):
             # Attribute names follow CompVis: encoder levels "downsample", decoder "upsample".
             setattr(self, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
 
-    def __call__(self, h: jax.Array, remat: bool) -> jax.Array:
+    def __call__(self, h: jax.Array, remat: str | None) -> jax.Array:
         """ResnetBlocks (each followed by its attention, if any), then the resampler."""
         for j, block in enumerate(self.block):
             h = _maybe_remat(block, h, remat)
@@ -113,7 +121,7 @@ class _Mid(nnx.Module):
         self.attn_1 = AttnBlock(ch, rngs=rngs, **kw)
         self.block_2 = ResnetBlock(ch, ch, dropout=dropout, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array, remat: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, remat: str | None) -> jax.Array:
         x = _maybe_remat(self.block_1, x, remat)
         x = self.attn_1(x)
         return _maybe_remat(self.block_2, x, remat)
@@ -124,6 +132,7 @@ class Encoder(nnx.Module):
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.remat = cfg.remat
+        self.remat_policy = cfg.remat_policy
         self.conv_in = conv(cfg.in_channels, cfg.ch, 3, rngs=rngs, **kw)
         res = cfg.resolution
         in_mult = (1,) + tuple(cfg.ch_mult)
@@ -151,9 +160,10 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv_in(x)
+        remat = self.remat_policy if self.remat else None
         for level in self.down:
-            h = level(h, self.remat)
-        h = self.mid(h, self.remat)
+            h = level(h, remat)
+        h = self.mid(h, remat)
         return self.conv_out(jax.nn.silu(self.norm_out(h)))
 
 
@@ -162,6 +172,7 @@ class Decoder(nnx.Module):
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.remat = cfg.remat
+        self.remat_policy = cfg.remat_policy
         block_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample_factor
         self.conv_in = conv(cfg.z_channels, block_in, 3, rngs=rngs, **kw)
@@ -188,9 +199,10 @@ class Decoder(nnx.Module):
     def features(self, z: jax.Array) -> jax.Array:
         """Everything up to (not including) ``conv_out``: the input of the last layer."""
         h = self.conv_in(z)
-        h = self.mid(h, self.remat)
+        remat = self.remat_policy if self.remat else None
+        h = self.mid(h, remat)
         for level in reversed(self.up):
-            h = level(h, self.remat)
+            h = level(h, remat)
         return jax.nn.silu(self.norm_out(h))
 
     def __call__(self, z: jax.Array) -> jax.Array:

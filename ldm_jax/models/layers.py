@@ -11,6 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from ldm_jax.config_lib import REMAT_POLICIES
 
 Dtype = Any
 
@@ -56,6 +59,33 @@ def kernels_from_hwio(tree):
         lambda p, x: kernel_from_hwio(x) if is_conv_kernel(p, x) else x, tree)
 
 
+# Names of the values that the "minimal" remat policy keeps for the backward pass.
+CONV_OUTPUT = "conv_output"
+NORM_STATS = "norm_stats"
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of a rematerialised block (``model.remat_policy``).
+
+    * ``"full"``: nothing inside the block is kept; the backward pass reruns its whole
+      forward (the least memory, every convolution computed twice).
+    * ``"minimal"``: keeps what is costly to recompute and cheap to hold: convolution
+      outputs (tagged :data:`CONV_OUTPUT`), GroupNorm statistics (:data:`NORM_STATS`) and
+      the outputs of dense matmuls without batch dimensions (the attention projections).
+      The backward recomputes only elementwise work (normalisation, SiLU, scale-shift) and
+      the attention scores, so it adds almost no FLOPs; the normalised and activated copies
+      of every activation are what it stops holding.
+    """
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {name!r}")
+    if name == "full":
+        return None
+    policies = jax.checkpoint_policies
+    return policies.save_from_both_policies(
+        policies.save_only_these_names(CONV_OUTPUT, NORM_STATS),
+        policies.dots_with_no_batch_dims_saveable)
+
+
 class Conv(nnx.Module):
     """2-D convolution of NHWC inputs with an OHWI ``kernel`` and an optional ``bias``.
 
@@ -80,7 +110,7 @@ class Conv(nnx.Module):
             self.padding, dimension_numbers=CONV_DIMENSION_NUMBERS)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return checkpoint_name(y, CONV_OUTPUT)
 
 
 def conv(
@@ -168,6 +198,7 @@ class GroupNorm(nnx.Module):
         b, h, w, c = x.shape
         g = self.num_groups
         mean, var = _group_stats(x.reshape(b, h, w, g, c // g))
+        mean, var = checkpoint_name(mean, NORM_STATS), checkpoint_name(var, NORM_STATS)
         xf = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
         y = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)

@@ -98,7 +98,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.models.layers import GroupNorm, Upsample, conv
+from ldm_jax.config_lib import REMAT_POLICIES
+from ldm_jax.models.layers import GroupNorm, Upsample, conv, remat_policy
 
 Dtype = Any
 
@@ -135,6 +136,9 @@ class UNetConfig:
     norm_eps: float = 1e-5
     norm_groups: int = 32
     remat: bool = False
+    # what a rematerialised block keeps: "full" (nothing) or "minimal" (conv / projection
+    # outputs and norm statistics: ldm_jax.models.layers.remat_policy)
+    remat_policy: str = "full"
     # jax.nn.dot_product_attention implementation: "auto" (JAX picks: the XLA path on jax
     # 0.10-0.11), "xla", or "cudnn" (fused flash attention; CUDA GPUs only).
     attention_impl: str = "auto"
@@ -192,6 +196,8 @@ class UNetConfig:
             errors.append(f"norm_groups={self.norm_groups} must be >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:
             errors.append(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            errors.append(f"remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}")
         if errors:  # the checks below assume sane basics
             raise ValueError("invalid UNetConfig:\n  " + "\n  ".join(errors))
         levels = len(self.channel_mult)
@@ -357,9 +363,10 @@ class Downsample(nnx.Module):
 
 
 class _Ctx:
-    """Per-call state threaded through the blocks: embedding, remat flag, dropout keys."""
+    """Per-call state threaded through the blocks: embedding, remat policy (None: no remat),
+    dropout keys."""
 
-    def __init__(self, emb: jax.Array, remat: bool, dropout_key: jax.Array | None):
+    def __init__(self, emb: jax.Array, remat: str | None, dropout_key: jax.Array | None):
         self.emb = emb
         self.remat = remat
         self.key = dropout_key
@@ -373,14 +380,15 @@ class _Ctx:
 
     def res(self, block: ResBlock, h: jax.Array) -> jax.Array:
         key = self.next_key()
-        if not self.remat:
+        if self.remat is None:
             return block(h, self.emb, key)
-        return nnx.remat(lambda m, x, e, k: m(x, e, k))(block, h, self.emb, key)
+        return nnx.remat(lambda m, x, e, k: m(x, e, k),
+                         policy=remat_policy(self.remat))(block, h, self.emb, key)
 
     def attn(self, block: AttentionBlock, h: jax.Array) -> jax.Array:
-        if not self.remat:
+        if self.remat is None:
             return block(h)
-        return nnx.remat(lambda m, x: m(x))(block, h)
+        return nnx.remat(lambda m, x: m(x), policy=remat_policy(self.remat))(block, h)
 
 
 class DownBlock(nnx.Module):
@@ -528,7 +536,7 @@ class UNet(nnx.Module):
         if hh % cfg.downsample_factor or ww % cfg.downsample_factor:
             raise ValueError(f"input {hh}x{ww} is not divisible by the U-Net's downsampling "
                              f"factor {cfg.downsample_factor}")
-        ctx = _Ctx(self.embed(t, y, b), cfg.remat,
+        ctx = _Ctx(self.embed(t, y, b), cfg.remat_policy if cfg.remat else None,
                    dropout_key if cfg.dropout > 0 else None)
         h = self.conv_in(x.astype(self.dtype))
         skips = [h]
