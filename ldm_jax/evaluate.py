@@ -1,5 +1,8 @@
 """Evaluate a trained or converted KL autoencoder on held-out images.
 
+(An LDM training workdir given to the same command is scored on its samples instead: FID,
+Inception Score, precision / recall against a reference set; ``ldm_jax.evaluate_generation``.)
+
     python -m ldm_jax.evaluate --workdir=PATH --data=SPEC [--num_images N] [--batch B]
         [--resolution R] [--full_size] [--out DIR] [--no_lpips] [--no_fid] ...
 
@@ -227,6 +230,24 @@ class _Reader:
         self.pool.shutdown(wait=True)
 
 
+def _read_batches(reader: _Reader, keys: range, lb: int, num_batches: int, resolution: int):
+    """``num_batches`` (the same on every process) of ``(keys, images [lb, R, R, 3], valid)``
+    from ``reader``, the next batch decoding while the caller works on this one; rows past
+    the end of ``keys`` and unreadable images are zeros with ``valid`` False."""
+    pending = reader.submit(keys[0:lb])
+    for b in range(num_batches):
+        these = list(keys[b * lb:(b + 1) * lb])
+        images = [f.result() for f in pending]
+        nxt = keys[(b + 1) * lb:(b + 2) * lb]
+        pending = reader.submit(nxt) if len(nxt) else []
+        valid = np.array([im is not None for im in images] + [False] * (lb - len(images)))
+        x = np.zeros((lb, resolution, resolution, 3), np.float32)
+        for i, im in enumerate(images):
+            if im is not None:
+                x[i] = im
+        yield these, x, valid
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -377,18 +398,8 @@ def _model_resolution_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader
     reader = reader_factory(keys, full_size=False)
     local = {m: [] for m in _METRICS}
     local_keys, stats_real, stats_recon = [], FeatureStats(), FeatureStats()
-    pending = reader.submit(keys[0:lb])
     try:
-        for b in range(num_batches):
-            these = list(keys[b * lb:(b + 1) * lb])
-            images = [f.result() for f in pending]
-            nxt = keys[(b + 1) * lb:(b + 2) * lb]
-            pending = reader.submit(nxt) if len(nxt) else []
-            valid = np.array([im is not None for im in images] + [False] * (lb - len(images)))
-            x = np.zeros((lb, resolution, resolution, 3), np.float32)
-            for i, im in enumerate(images):
-                if im is not None:
-                    x[i] = im
+        for these, x, valid in _read_batches(reader, keys, lb, num_batches, resolution):
             gb = sharding.global_batch({"image": x}, batch_sh)["image"]
             out = _to_local(step_fn(ae_st, lp_st, inc_st, gb), mesh)
             kk = np.asarray(these + [-1] * (lb - len(these)), np.int64)
@@ -792,54 +803,112 @@ def _fmt(v) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+_GENERATION_FLAGS = ("num_samples", "seed", "steps", "sampler", "eta", "cfg_scale", "classes",
+                     "noema", "ref_stats", "num_reference", "no_pr", "pr_num", "pr_k", "is_splits")
+_AUTOENCODER_FLAGS = ("num_images", "resolution", "full_size", "no_lpips", "lpips_weights",
+                      "random_lpips", "no_fid", "k", "rank_by", "dtype", "tile", "tile_overlap",
+                      "bucket")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m ldm_jax.evaluate",
-        description="Reconstruction metrics (PSNR, SSIM, MS-SSIM, LPIPS, rFID) of a KL "
-                    "autoencoder on held-out images.")
+        description="Autoencoder workdirs / pretrained dirs: reconstruction metrics (PSNR, SSIM, "
+                    "MS-SSIM, LPIPS, rFID) on held-out images. LDM workdirs: sample quality "
+                    "(FID, Inception Score, precision/recall) against a reference set.")
     p.add_argument("--workdir", required=True,
-                   help="VAE-GAN training workdir or converted pretrained autoencoder directory")
-    p.add_argument("--data", default="embedded",
-                   help="embedded | folder:/path[:eval|:all] | tfds:name[:split] (default embedded)")
-    p.add_argument("--num_images", type=int, default=50_000, help="at most this many images")
+                   help="VAE-GAN training workdir, converted pretrained autoencoder directory, "
+                        "or LDM training workdir")
+    p.add_argument("--data", default=None,
+                   help="embedded | folder:/path[:eval|:all] | tfds:name[:split]; LDM also 'train' "
+                        "(its training data). Default: embedded (autoencoder), train (LDM)")
     p.add_argument("--batch", type=int, default=64, help="global batch (multiple of the devices)")
-    p.add_argument("--resolution", type=int, default=0, help="crop size (default: the model's)")
-    p.add_argument("--full_size", action="store_true", help="also evaluate at full image size")
     p.add_argument("--out", default="", help="output directory (default WORKDIR/eval/<data>)")
-    p.add_argument("--no_lpips", action="store_true", help="skip LPIPS")
-    p.add_argument("--lpips_weights", default="", help="converted LPIPS .npz (default: cache)")
-    p.add_argument("--random_lpips", action="store_true",
-                   help="TESTS/DEMOS ONLY: LPIPS with random VGG weights (reported as lpips_random_vgg)")
-    p.add_argument("--no_fid", action="store_true", help="skip rFID")
     p.add_argument("--inception_weights", default="",
                    help="FID Inception .npz or pt_inception-2015-12-05-6726825d.pth (default: cache)")
-    p.add_argument("--k", type=int, default=4, help="best/worst images in recon_best_worst.png")
-    p.add_argument("--rank_by", choices=RANK_BY, default="psnr")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="autoencoder compute dtype")
-    p.add_argument("--tile", type=int, default=-1,
-                   help="full size: latent tile size (default: model latent size, >= 32; 0 = whole image)")
-    p.add_argument("--tile_overlap", type=int, default=-1, help="full size: tile overlap (default tile/4)")
-    p.add_argument("--bucket", type=int, default=64,
-                   help="full size: pad sizes up to a multiple of this (fewer compiles)")
     p.add_argument("--tfds_data_dir", default="", help="TFDS data dir for tfds: specs")
     p.add_argument("--fid_method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="sqrtm: pytorch-fid's scipy.linalg.sqrtm; eigh: same value, faster")
+    a = p.add_argument_group("autoencoder")
+    a.add_argument("--num_images", type=int, default=None, help="at most this many images (50000)")
+    a.add_argument("--resolution", type=int, default=None, help="crop size (default: the model's)")
+    a.add_argument("--full_size", action="store_true", default=None, help="also evaluate at full image size")
+    a.add_argument("--no_lpips", action="store_true", default=None, help="skip LPIPS")
+    a.add_argument("--lpips_weights", default=None, help="converted LPIPS .npz (default: cache)")
+    a.add_argument("--random_lpips", action="store_true", default=None,
+                   help="TESTS/DEMOS ONLY: LPIPS with random VGG weights (reported as lpips_random_vgg)")
+    a.add_argument("--no_fid", action="store_true", default=None, help="skip rFID")
+    a.add_argument("--k", type=int, default=None, help="best/worst images in recon_best_worst.png (4)")
+    a.add_argument("--rank_by", choices=RANK_BY, default=None, help="psnr (default) or lpips")
+    a.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="autoencoder compute dtype (float32)")
+    a.add_argument("--tile", type=int, default=None,
+                   help="full size: latent tile size (default: model latent size, >= 32; 0 = whole image)")
+    a.add_argument("--tile_overlap", type=int, default=None, help="full size: tile overlap (default tile/4)")
+    a.add_argument("--bucket", type=int, default=None,
+                   help="full size: pad sizes up to a multiple of this (64; fewer compiles)")
+    g = p.add_argument_group("latent diffusion (LDM workdir)")
+    g.add_argument("--num_samples", type=int, default=None, help="generated images (50000)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (0)")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
+    g.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default=None,
+                   help="default: the config's")
+    g.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
+    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--class", dest="classes", default=None,
+                   help="class index or comma-separated list (default: all classes in turn)")
+    g.add_argument("--noema", action="store_true", default=None, help="raw instead of EMA weights")
+    g.add_argument("--ref_stats", default=None,
+                   help="precomputed reference statistics .npz (ours or pytorch-fid's) instead of --data")
+    g.add_argument("--num_reference", type=int, default=None, help="at most this many reference images (50000)")
+    g.add_argument("--no_pr", action="store_true", default=None, help="skip precision/recall")
+    g.add_argument("--pr_num", type=int, default=None,
+                   help="samples and reference images for precision/recall (10000)")
+    g.add_argument("--pr_k", type=int, default=None, help="k of the k-NN manifolds (3)")
+    g.add_argument("--is_splits", type=int, default=None, help="Inception Score splits (10)")
     args = p.parse_args(argv)
-    if args.no_lpips and args.random_lpips:
-        p.error("--no_lpips and --random_lpips exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    is_ldm = _training_config(args.workdir).get("trainer") == "ldm"
+    wrong = [f for f in (_AUTOENCODER_FLAGS if is_ldm else _GENERATION_FLAGS)
+             if getattr(args, f) is not None]
+    if wrong:
+        kind = "an LDM workdir" if is_ldm else "an autoencoder"
+        names = ", ".join("--" + ("class" if f == "classes" else f) for f in wrong)
+        p.error(f"{args.workdir} is {kind}: {names} do not apply (see --help for the groups)")
+
+    def opt(name, default):
+        v = getattr(args, name)
+        return default if v is None else v
+
     try:
+        if is_ldm:
+            from ldm_jax.evaluate_generation import evaluate_generation, print_summary
+            result = evaluate_generation(
+                args.workdir, args.data or "train", num_samples=opt("num_samples", 50_000),
+                batch_size=args.batch, seed=opt("seed", 0), steps=opt("steps", 0),
+                sampler=args.sampler, eta=args.eta, cfg_scale=args.cfg_scale,
+                classes=opt("classes", ""), use_ema=not args.noema,
+                reference_stats=args.ref_stats, num_reference=opt("num_reference", 50_000),
+                inception_weights=args.inception_weights or None,
+                precision_recall=not args.no_pr, pr_num=opt("pr_num", 10_000), pr_k=opt("pr_k", 3),
+                is_splits=opt("is_splits", 10), out_dir=args.out or None,
+                fid_method=args.fid_method, tfds_data_dir=args.tfds_data_dir)
+            if jax.process_index() == 0:
+                print_summary(result)
+            return 0
+        if args.no_lpips and args.random_lpips:
+            p.error("--no_lpips and --random_lpips exclude each other")
+        tile, overlap = opt("tile", -1), opt("tile_overlap", -1)
         result = evaluate_autoencoder(
-            args.workdir, args.data, num_images=args.num_images, batch_size=args.batch,
-            resolution=args.resolution or None, full_size=args.full_size, out_dir=args.out or None,
+            args.workdir, args.data or "embedded", num_images=opt("num_images", 50_000),
+            batch_size=args.batch, resolution=args.resolution or None,
+            full_size=bool(args.full_size), out_dir=args.out or None,
             lpips="none" if args.no_lpips else ("random" if args.random_lpips else "pretrained"),
             lpips_weights=args.lpips_weights or None, fid=not args.no_fid,
-            inception_weights=args.inception_weights or None, num_best_worst=args.k,
-            rank_by=args.rank_by, dtype=args.dtype,
-            tile=None if args.tile < 0 else args.tile,
-            tile_overlap=None if args.tile_overlap < 0 else args.tile_overlap,
-            bucket=args.bucket, tfds_data_dir=args.tfds_data_dir, fid_method=args.fid_method)
+            inception_weights=args.inception_weights or None, num_best_worst=opt("k", 4),
+            rank_by=opt("rank_by", "psnr"), dtype=opt("dtype", "float32"),
+            tile=None if tile < 0 else tile, tile_overlap=None if overlap < 0 else overlap,
+            bucket=opt("bucket", 64), tfds_data_dir=args.tfds_data_dir, fid_method=args.fid_method)
     except (lpips_lib.LPIPSWeightsMissingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

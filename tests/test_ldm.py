@@ -263,3 +263,72 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
     assert "| latent | latent | 8x8x4 |" in text and "| pixel | pixel | 32x32x3 |" in text
     assert "RANDOMLY initialised Inception" in text
     assert os.path.isfile(str(tmp_path / "cmp.json"))
+
+
+def test_generation_evaluation_matches_direct_computation(trained, tmp_path_factory, capsys):
+    """``python -m ldm_jax.evaluate`` on an LDM workdir: the streamed, sharded FID / IS /
+    precision-recall equal the same metrics computed directly from ``sample_images`` and
+    the reference images; the reference statistics are cached and reused."""
+    import json
+
+    from ldm_jax import evaluate, fid, gen_metrics, sampling
+    from ldm_jax.convert.inception_weights import create_inception, save_inception_npz
+    from ldm_jax.data import sources
+    from ldm_jax.models.inception import FIDInceptionV3
+
+    workdir, _, _ = trained
+    tmp = tmp_path_factory.mktemp("geneval")
+    inc_path = save_inception_npz(FIDInceptionV3(rngs=nnx.Rngs(0)), tmp / "inc.npz")
+    out = str(tmp / "out")
+    args = ["--workdir", workdir, "--num_samples", "12", "--batch", "8", "--steps", "3",
+            "--class", "1,4,7", "--seed", "5", "--inception_weights", inc_path, "--pr_k", "2",
+            "--is_splits", "3", "--fid_method", "eigh", "--out", out]
+    assert evaluate.main(args) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["kind"] == "generation" and m["num_samples"] == 12 and m["checkpoint_step"] == 4
+    assert m["num_reference"] == 7  # the embedded training photos the tiny LDM trained on
+    assert m["sampler"]["steps"] == 3 and m["sampler"]["classes"] == "1,4,7"
+    with Image.open(os.path.join(out, "samples.png")) as im:
+        im.verify()
+
+    # the same samples and reference images, scored directly
+    images, labels, _ = sampling.sample_images(workdir, num=12, seed=5, steps=3, classes="1,4,7", batch=8)
+    assert labels.tolist() == [1, 4, 7] * 4
+    inc, _ = create_inception(inc_path)
+    reader = evaluate._Reader(sources.EmbeddedSource("train"), range(7), 32, full_size=False)
+    ref = np.stack([f.result() for f in reader.submit(range(7))])
+    reader.close()
+    f_s, f_r = fid.inception_features(inc, images), fid.inception_features(inc, ref)
+    want_fid = fid.frechet_distance(*fid.feature_statistics(f_s), *fid.feature_statistics(f_r), method="eigh")
+    np.testing.assert_allclose(m["fid"], want_fid, rtol=1e-4)
+    logits = f_s @ np.asarray(inc.fc.kernel[...], np.float64)
+    np.testing.assert_allclose([m["inception_score"], m["inception_score_std"]],
+                               gen_metrics.inception_score(logits, 3), rtol=1e-4)
+    np.testing.assert_allclose([m["precision"], m["recall"]],
+                               gen_metrics.precision_recall(f_r, f_s, k=2))
+    assert m["pr_num_samples"] == 12 and m["pr_num_reference"] == 7
+
+    # second run: the cached reference statistics, the same numbers
+    cache = m["reference_cache"]
+    assert os.path.isfile(cache)
+    stamp = os.stat(cache).st_mtime_ns
+    assert evaluate.main(args) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        m2 = json.load(f)
+    assert os.stat(cache).st_mtime_ns == stamp
+    assert m2["fid"] == pytest.approx(m["fid"], rel=1e-9) and m2["precision"] == m["precision"]
+    # precomputed statistics without features: FID only
+    stats = fid.save_stats(tmp / "ref.npz", *fid.feature_statistics(f_r), num_images=7)
+    assert evaluate.main(args + ["--ref_stats", stats]) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        m3 = json.load(f)
+    np.testing.assert_allclose(m3["fid"], want_fid, rtol=1e-4)
+    assert m3["precision"] is None and any("precision/recall skipped" in w for w in m3["warnings"])
+
+    # autoencoder-only flags on an LDM workdir: a clear usage error
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--workdir", workdir, "--full_size", "--no_lpips"])
+    assert e.value.code == 2
+    assert "is an LDM workdir: --full_size, --no_lpips do not apply" in capsys.readouterr().err
