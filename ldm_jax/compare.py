@@ -8,10 +8,12 @@
 Trains the same U-Net (same width, depth, attention factors, optimiser, batch and step
 budget) once on the autoencoder's latents and once on pixels, each in its own workdir
 (re-running resumes), then samples ``--num_samples`` images from each with the config's
-sampler and scores them with FID against the held-out images. Writes a markdown table:
-training images/s and step time (from the trainers' progress log), peak device memory,
-sampling images/s, and FID. Without the FID Inception weights, ``--random_inception``
-scores with a randomly initialised Inception (clearly labelled; only for smoke runs).
+sampler and scores them against the held-out images (``ldm_jax.evaluate_generation``: FID,
+Inception Score, precision / recall; the reference statistics computed once for both).
+Writes a markdown table: training images/s and step time (from the trainers' progress
+log), peak device memory, sampling images/s, and the sample-quality metrics. Without the
+FID Inception weights, ``--random_inception`` scores with a randomly initialised Inception
+(clearly labelled; only for smoke runs).
 """
 
 from __future__ import annotations
@@ -56,19 +58,21 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
                 final_loss=hist[max(hist)]["loss"] if hist else None)
 
 
-def sample_and_score(row: dict, num: int, reference, inception, seed: int) -> None:
-    import numpy as np
+def sample_and_score(row: dict, num: int, num_reference: int, inception_weights: str | None,
+                     seed: int, cache_dir: str) -> None:
+    """Samples of the run scored against its held-out data (``ldm_jax.evaluate_generation``:
+    FID, Inception Score, precision / recall); both runs share the reference statistics."""
+    from ldm_jax.evaluate_generation import evaluate_generation
 
-    from ldm_jax import fid
-    from ldm_jax.sampling import sample_images
-
-    t0 = time.perf_counter()
-    images, _, _ = sample_images(row["workdir"], num=num, seed=seed)
-    row["sample_s"] = time.perf_counter() - t0  # includes compilation
-    row["samples_png"] = None
-    row["fid"] = float(fid.fid_of_samples(images, reference, inception, method="eigh"))
-    row["num_samples"] = int(len(images))
-    row["sample_mean"] = float(np.mean(images))
+    m = evaluate_generation(row["workdir"], "eval", num_samples=num, seed=seed,
+                            num_reference=num_reference, inception_weights=inception_weights,
+                            is_splits=min(10, max(1, num // 500)), pr_num=min(10_000, num), fid_method="eigh",
+                            out_dir=os.path.join(row["workdir"], "eval", "compare"),
+                            cache_dir=cache_dir)
+    row.update(fid=m["fid"], inception_score=m["inception_score"], precision=m["precision"],
+               recall=m["recall"], num_samples=m["num_samples"], num_reference=m["num_reference"],
+               sample_images_per_s=m["images_per_s"], sample_wall_s=m["wall_s"],
+               sampler=m["sampler"], eval_warnings=m["warnings"])
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -84,20 +88,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + (" with a RANDOMLY initialised Inception (smoke run: not a quality figure)"
            if meta["random_inception"] else " (FID Inception, pytorch-fid weights)") + ".",
         "",
-        "| run | space | U-Net input | params | train img/s | train wall | peak memory | sampling (s, incl. compile) | FID |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | space | U-Net input | params | train img/s | train wall | peak memory | sampling img/s | FID | IS | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {r['name']} | {r['space']} | {'x'.join(map(str, r['input_shape']))} | "
             f"{r['params'] / 1e6:.1f}M | {fmt(r['train_images_per_s'], '.1f')} | {r['train_wall_s']:.0f} s | "
-            f"{fmt(mem, '.2f')}{' GiB' if mem is not None else ''} | {r['sample_s']:.1f} | {r['fid']:.2f} |")
+            f"{fmt(mem, '.2f')}{' GiB' if mem is not None else ''} | {fmt(r['sample_images_per_s'], '.1f')} | "
+            f"{r['fid']:.2f} | {fmt(r['inception_score'], '.2f')} | {fmt(r['precision'], '.3f')} | "
+            f"{fmt(r['recall'], '.3f')} |")
     if len(rows) == 2 and rows[0]["train_images_per_s"] and rows[1]["train_images_per_s"]:
         lines += ["", f"Training throughput ratio latent/pixel: "
                       f"{rows[0]['train_images_per_s'] / rows[1]['train_images_per_s']:.2f}x."]
     lines += ["", "Peak memory is the device's peak over the whole process (training, then sampling), "
-                  "read after each run; on CPU it is not available."]
+                  "read after each run; on CPU it is not available. Sampling img/s covers sampling, "
+                  "decoding and Inception features, after the first (compiling) batch "
+                  f"({rows[0]['sampler']['name']}-{rows[0]['sampler']['steps']}). IS: Inception Score; "
+                  "precision / recall: k-NN manifolds (k = 3) of Inception features "
+                  "(`python -m ldm_jax.evaluate` on an LDM workdir)."]
     return "\n".join(lines) + "\n"
 
 
@@ -120,32 +130,29 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
 
     import jax
-    import numpy as np
     from flax import nnx
 
-    from ldm_jax import config_lib, data
-    from ldm_jax.convert.inception_weights import create_inception
+    from ldm_jax.convert.inception_weights import create_inception, save_inception_npz
     from ldm_jax.models.inception import FIDInceptionV3
 
     overrides = dict(kv.split("=", 1) for kv in a.set)
+    inception_weights = a.inception_weights
     if a.random_inception:
-        inception = FIDInceptionV3(rngs=nnx.Rngs(0))
-    else:
-        inception, _ = create_inception(a.inception_weights)
+        os.makedirs(a.workdir, exist_ok=True)
+        inception_weights = save_inception_npz(FIDInceptionV3(rngs=nnx.Rngs(0)),
+                                               os.path.join(a.workdir, "random_inception.npz"))
+    else:  # fail before training when the weights are missing
+        create_inception(inception_weights)
 
     rows = [run_one("latent", a.latent_config, os.path.join(a.workdir, "latent"), a.steps, overrides,
                     a.autoencoder_path),
             run_one("pixel", a.pixel_config, os.path.join(a.workdir, "pixel"), a.steps, overrides, "")]
-    cfg = config_lib.load_config(a.latent_config)
-    config_lib.set_fields(cfg, overrides, parse=True)
-    ev = data.create_eval_batches(cfg.data, resolution=cfg.image_resolution, batch_size=jax.device_count(),
-                                  num_images=a.num_reference)
-    reference = np.concatenate([b["image"] for b in ev])
     for r in rows:
-        sample_and_score(r, a.num_samples, reference, inception, a.seed)
+        sample_and_score(r, a.num_samples, a.num_reference, inception_weights, a.seed,
+                         os.path.join(a.workdir, "reference_stats"))
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind, jax=jax.__version__,
                 steps=a.steps, batch=rows[0]["batch"], num_samples=a.num_samples,
-                num_reference=int(len(reference)), random_inception=a.random_inception)
+                num_reference=rows[0]["num_reference"], random_inception=a.random_inception)
     text = markdown(rows, meta)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
     with open(a.out, "w") as f:

@@ -820,8 +820,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="VAE-GAN training workdir, converted pretrained autoencoder directory, "
                         "or LDM training workdir")
     p.add_argument("--data", default=None,
-                   help="embedded | folder:/path[:eval|:all] | tfds:name[:split]; LDM also 'train' "
-                        "(its training data). Default: embedded (autoencoder), train (LDM)")
+                   help="embedded | folder:/path[:eval|:all] | tfds:name[:split]; LDM also 'train' / "
+                        "'eval' (its training / held-out data). Default: embedded (autoencoder), "
+                        "train (LDM)")
     p.add_argument("--batch", type=int, default=64, help="global batch (multiple of the devices)")
     p.add_argument("--out", default="", help="output directory (default WORKDIR/eval/<data>)")
     p.add_argument("--inception_weights", default="",

@@ -1,7 +1,7 @@
 """Sample quality of a trained latent (or pixel) diffusion model: FID, Inception Score,
 precision and recall of generated images against a reference set.
 
-    python -m ldm_jax.evaluate --workdir=LDM_WORKDIR [--data=train|SPEC] [--num_samples=50000]
+    python -m ldm_jax.evaluate --workdir=LDM_WORKDIR [--data=train|eval|SPEC] [--num_samples=50000]
         [--sampler=ddim --steps=50 --eta=0 --cfg_scale=1.5 --class=...] [--ref_stats=FILE]
 
 (``ldm_jax.evaluate`` sends LDM workdirs here; autoencoders get reconstruction metrics.)
@@ -14,20 +14,21 @@ Inception on the device (rounded to 8 bits first, as saved PNGs would be), and o
 pool3 features and logits come back, so 50k samples need no host memory for images.
 
 The reference set is ``--data``: ``train`` (default: the data the LDM was trained on,
-training split) or any spec of the autoencoder evaluation (``embedded``,
-``folder:/path[:eval|:all]``, ``tfds:name[:split]``), each image resized (shorter side)
-and center-cropped to the sample resolution. Its statistics are cached in the output
-directory (``reference_<key>.npz``: ``mu``, ``sigma`` and the features kept for precision
-/ recall; the key covers the data, resolution, image count and Inception weights), and
-``--ref_stats FILE`` uses a precomputed file instead (ours, or pytorch-fid's ``mu`` /
-``sigma`` npz; without features in it precision / recall are skipped).
+training split), ``eval`` (its held-out split) or any spec of the autoencoder evaluation
+(``embedded``, ``folder:/path[:eval|:all]``, ``tfds:name[:split]``), each image resized
+(shorter side) and center-cropped to the sample resolution. Its statistics are cached in
+the output directory, or ``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma`` and the
+features kept for precision / recall; the key covers the data, resolution, image count and
+Inception weights), and ``--ref_stats FILE`` uses a precomputed file instead (ours, or
+pytorch-fid's ``mu`` / ``sigma`` npz; without features in it precision / recall are
+skipped).
 
 Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``):
 ``fid``; ``inception_score`` and its std over 10 splits (``ldm_jax.gen_metrics``);
 ``precision`` / ``recall`` (k = 3) on the first ``--pr_num`` (10k) samples and reference
-images; the sampler settings, checkpoint step, image counts, sampling images/s (after the
-first, compiling, batch), versions and warnings (small-sample FID bias). ``samples.png``
-shows the first samples.
+images; the sampler settings, checkpoint step, image counts, ``images_per_s`` (sampling,
+decoding and Inception features together, after the first, compiling, batch), versions
+and warnings (small-sample FID bias). ``samples.png`` shows the first samples.
 """
 
 from __future__ import annotations
@@ -99,13 +100,14 @@ def _gather_rows(rows: list[np.ndarray], cap: int, dim: int) -> np.ndarray:
 
 def _reference_source(data: str, tr, tfds_data_dir: str):
     """``(source, description, identity dict)`` of the reference images."""
-    if data == "train":
+    if data in ("train", "eval"):
         cfg = ml_collections.ConfigDict(tr.config.data.to_dict())
         if tfds_data_dir:
             cfg.tfds_data_dir = tfds_data_dir
-        source = sources_lib.make_source(cfg, "train")
-        desc = f"the LDM's training data ({cfg.source}, training split)"
-        ident = {"data": "train", "cfg": cfg.to_dict()}
+        source = sources_lib.make_source(cfg, data)
+        split = "training split" if data == "train" else "held-out split"
+        desc = f"the LDM's {'training' if data == 'train' else 'held-out'} data ({cfg.source}, {split})"
+        ident = {"data": data, "cfg": cfg.to_dict()}
         return source, desc, ident
     data_cfg, mode, desc = ev.parse_data_spec(data, tr.config.to_dict(), tfds_data_dir)
     return ev._open_source(data_cfg, mode), desc, {"data": data, "cfg": data_cfg.to_dict(), "mode": mode}
@@ -161,6 +163,7 @@ def evaluate_generation(
     is_splits: int = 10,
     num_grid: int = 64,
     out_dir: str | None = None,
+    cache_dir: str | None = None,
     fid_method: str = "sqrtm",
     tfds_data_dir: str = "",
     mesh=None,
@@ -224,7 +227,7 @@ def evaluate_generation(
         ident.update(resolution=resolution, num=n_ref, pr_num=pr_num if precision_recall else 0,
                      inception=_fingerprint(inc))
         key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        ref_cache = os.path.join(out_dir, f"reference_{key}.npz")
+        ref_cache = os.path.join(cache_dir or out_dir, f"reference_{key}.npz")
         if os.path.isfile(ref_cache):
             mu_r, sigma_r = load_stats(ref_cache)
             with np.load(ref_cache, allow_pickle=False) as z:
@@ -335,7 +338,7 @@ def evaluate_generation(
         "pr_num_samples": n_pr_s,
         "pr_num_reference": n_pr_r,
         "inception": inc_status,
-        "sampling_images_per_s": ((num_samples - bs.batch) / (t_end - t_first)
+        "images_per_s": ((num_samples - bs.batch) / (t_end - t_first)
                                   if num_batches > 1 and t_end > t_first else None),
         "devices": int(mesh.size),
         "processes": int(count),

@@ -259,7 +259,11 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
     assert rows["latent"]["params"] < rows["pixel"]["params"] * 1.01  # same U-Net, in/out convs differ
     for r in rows.values():
         assert r["steps"] == 2 and np.isfinite(r["fid"]) and r["fid"] >= 0 and r["num_samples"] == 8
+        assert r["inception_score"] >= 1.0 - 1e-9 and r["num_reference"] == 2  # the held-out photos
+        assert r["precision"] is None  # 2 reference images: too few for k = 3 manifolds
+    assert len(os.listdir(tmp_path / "wd" / "reference_stats")) == 1  # computed once for both runs
     text = open(out).read()
+    assert "| sampling img/s | FID | IS | precision | recall |" in text
     assert "| latent | latent | 8x8x4 |" in text and "| pixel | pixel | 32x32x3 |" in text
     assert "RANDOMLY initialised Inception" in text
     assert os.path.isfile(str(tmp_path / "cmp.json"))
