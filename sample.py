@@ -14,7 +14,6 @@ latent (the U-Net is convolutional) and decodes it with overlapping tiles
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 from absl import app, flags
@@ -56,13 +55,8 @@ def main(argv):
     os.makedirs(out_dir, exist_ok=True)
     s = tr.config.sampling
     tag = f"{tr.step:08d}_{_SAMPLER.value or s.sampler}{_STEPS.value or s.num_steps}_s{_SEED.value}"
-    cols = int(math.ceil(math.sqrt(len(images))))
-    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
-    if len(rows[-1]) < cols:  # pad the last row with white
-        pad = np.full((cols - len(rows[-1]), *images.shape[1:]), 255, np.uint8)
-        rows[-1] = np.concatenate([rows[-1], pad])
     png = os.path.join(out_dir, f"samples_{tag}.png")
-    mw.save_png(png, mw.image_grid(rows))
+    mw.save_png(png, mw.square_grid(images))
     npz = os.path.join(out_dir, f"samples_{tag}.npz")
     np.savez(npz, images=images, labels=labels)
     logging.info("wrote %s and %s (%d images %s)", png, npz, len(images), images.shape[1:])

@@ -288,7 +288,8 @@ def evaluate_generation(
     g = ev._allgather(is_acc.to_arrays())
     is_total = gen_metrics.InceptionScore(num_samples, is_splits)
     for p in range(g["count"].shape[0]):
-        is_total.merge(_as_is(g, p, num_samples, is_splits))
+        is_total.merge(gen_metrics.InceptionScore.from_arrays(
+            num_samples, g["count"][p], g["sum_p"][p], g["sum_plogp"][p]))
     if stats.n != num_samples:  # guard: every sample exactly once
         raise RuntimeError(f"internal error: scored {stats.n} samples, expected {num_samples}")
 
@@ -339,7 +340,7 @@ def evaluate_generation(
         "pr_num_reference": n_pr_r,
         "inception": inc_status,
         "images_per_s": ((num_samples - bs.batch) / (t_end - t_first)
-                                  if num_batches > 1 and t_end > t_first else None),
+                         if num_batches > 1 and t_end > t_first else None),
         "devices": int(mesh.size),
         "processes": int(count),
         "wall_s": time.time() - t0,
@@ -348,25 +349,14 @@ def evaluate_generation(
         "out_dir": os.path.abspath(out_dir),
     }
     if is_main:
-        imgs = np.concatenate(grid)[:min(num_grid, num_samples)]
+        imgs = np.concatenate(grid)[:min(num_grid, num_samples)] if grid else ()
         if len(imgs):
-            cols = int(math.ceil(math.sqrt(len(imgs))))
-            rows = [imgs[j:j + cols] for j in range(0, len(imgs), cols)]
-            if len(rows[-1]) < cols:
-                pad = np.full((cols - len(rows[-1]), *imgs.shape[1:]), 255, np.uint8)
-                rows[-1] = np.concatenate([rows[-1], pad])
-            mw.save_png(os.path.join(out_dir, "samples.png"), mw.image_grid(rows))
+            mw.save_png(os.path.join(out_dir, "samples.png"), mw.square_grid(imgs))
         tmp = os.path.join(out_dir, "metrics.json.tmp")
         with open(tmp, "w") as f:
             json.dump(ev._jsonable(result), f, indent=2)
         os.replace(tmp, os.path.join(out_dir, "metrics.json"))
     return result
-
-
-def _as_is(g: dict, p: int, num: int, splits: int) -> gen_metrics.InceptionScore:
-    acc = gen_metrics.InceptionScore(num, splits, classes=g["sum_p"].shape[-1])
-    acc.count, acc.sum_p, acc.sum_plogp = g["count"][p], g["sum_p"][p], g["sum_plogp"][p]
-    return acc
 
 
 def print_summary(r: dict) -> None:

@@ -76,6 +76,19 @@ class InceptionScore:
     def to_arrays(self) -> dict:
         return {"count": self.count, "sum_p": self.sum_p, "sum_plogp": self.sum_plogp}
 
+    @classmethod
+    def from_arrays(cls, num: int, count, sum_p, sum_plogp) -> "InceptionScore":
+        """The accumulator of :meth:`to_arrays`'s arrays (e.g. one process's, all-gathered)."""
+        count = np.asarray(count, np.int64)
+        sum_p = np.asarray(sum_p, np.float64)
+        if count.ndim != 1 or sum_p.shape[:1] != count.shape or np.shape(sum_plogp) != count.shape:
+            raise ValueError(f"inconsistent Inception Score arrays: count {count.shape}, "
+                             f"sum_p {sum_p.shape}, sum_plogp {np.shape(sum_plogp)}")
+        acc = cls(num, len(count), classes=sum_p.shape[-1])
+        acc.count, acc.sum_p = count.copy(), sum_p.copy()
+        acc.sum_plogp = np.asarray(sum_plogp, np.float64).copy()
+        return acc
+
     def result(self) -> tuple[float, float]:
         """``(mean, std)`` of the per-split scores (every split must have samples)."""
         if np.any(self.count == 0):

@@ -9,6 +9,7 @@ process 0 writes; other processes get a writer that does nothing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -95,6 +96,20 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             grid[y : y + h, x : x + w] = row[i]
     return grid
+
+
+def square_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """uint8 images [N,H,W,C] in a near-square grid (ceil(sqrt N) columns), row by row;
+    the last row is padded with white."""
+    images = np.asarray(images)
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"square_grid needs images [N,H,W,C] with N >= 1, got shape {images.shape}")
+    cols = int(math.ceil(math.sqrt(len(images))))
+    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    if len(rows[-1]) < cols:
+        fill = np.full((cols - len(rows[-1]), *images.shape[1:]), 255, images.dtype)
+        rows[-1] = np.concatenate([rows[-1], fill])
+    return image_grid(rows, pad=pad)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
