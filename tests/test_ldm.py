@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, cpu_env
 from ldm_jax import config_lib, pretrained, sharding
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_jax.trainers import ldm
@@ -205,7 +205,7 @@ def test_config_errors_are_clear(ae_dir, tmp_path):
 
 def test_sample_py_writes_png_and_npz(trained, tmp_path):
     workdir, _, _ = trained
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     out = str(tmp_path / "out")
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
                     "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2"],

@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
+from conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE_BY_SIDE = os.path.join(REPO, "benchmarks", "side_by_side.py")
 
 
 def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", LDM_JAX_OFFLINE="1", PYTHONPATH=REPO)
+    env = cpu_env(PYTHONPATH=REPO)
     for k in ("JAX_COMPILATION_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         env.pop(k, None)  # the runner's own cache dir must be the one used
     return env

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from conftest import cpu_env
+
 pytest.importorskip("torch", reason="the PyTorch reference needs torch")
 pytest.importorskip("diffusers", reason="the PyTorch reference needs diffusers")
 pytest.importorskip("lpips", reason="the PyTorch reference needs lpips")
@@ -42,8 +44,7 @@ WORKLOAD = {"vae": "vae_gan_step", "unet": "unet_step", "sample": "sample_ddim"}
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                JAX_PLATFORMS="cpu", LDM_JAX_OFFLINE="1", PYTHONPATH=REPO)
+    return cpu_env(PYTHONPATH=REPO)
 
 
 def _strict_json(text: str) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, cpu_env
 from ldm_jax import config_lib
 from ldm_jax.checkpointing import Checkpointer
 from ldm_jax.trainers import vae_gan
@@ -260,8 +260,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
            f"--workdir={workdir}", "--config.num_train_steps=1000",
            "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
            "--config.image_every_steps=1000", f"--config.compilation_cache_dir={cache}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", LDM_JAX_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = cpu_env(PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
     deadline = time.time() + 400
