@@ -74,7 +74,8 @@ class InceptionScore:
         return self
 
     def to_arrays(self) -> dict:
-        return {"count": self.count, "sum_p": self.sum_p, "sum_plogp": self.sum_plogp}
+        """Copies of the accumulators (``from_arrays`` rebuilds it), e.g. to all-gather."""
+        return {"count": self.count.copy(), "sum_p": self.sum_p.copy(), "sum_plogp": self.sum_plogp.copy()}
 
     @classmethod
     def from_arrays(cls, num: int, count, sum_p, sum_plogp) -> "InceptionScore":

@@ -39,7 +39,12 @@ def test_streaming_inception_score_equals_one_shot(n, splits):
     a, b = gm.InceptionScore(n, splits), gm.InceptionScore(n, splits)
     a.update(logits[order[: n // 2]], order[: n // 2])
     b.update(logits[order[n // 2:]], order[n // 2:])
+    sent = [a.to_arrays(), b.to_arrays()]  # what each process all-gathers
     np.testing.assert_allclose(a.merge(b).result(), one, rtol=1e-9)
+    rebuilt = gm.InceptionScore(n, splits)
+    for arrays in sent:
+        rebuilt.merge(gm.InceptionScore.from_arrays(n, **arrays))
+    np.testing.assert_allclose(rebuilt.result(), one, rtol=1e-9)
 
 
 def test_inception_score_extremes():
@@ -54,6 +59,8 @@ def test_inception_score_extremes():
 
 
 def test_inception_score_rejects_bad_input():
+    with pytest.raises(ValueError, match="inconsistent Inception Score arrays"):
+        gm.InceptionScore.from_arrays(10, np.zeros(2), np.zeros((3, 1008)), np.zeros(2))
     with pytest.raises(ValueError, match="need at least 10 samples"):
         gm.InceptionScore(5, 10)
     acc = gm.InceptionScore(10, 2)

@@ -214,10 +214,17 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     npzs = [f for f in os.listdir(out) if f.endswith(".npz")]
     assert len(pngs) == 1 and len(npzs) == 1
     with np.load(os.path.join(out, npzs[0])) as f:
-        assert f["images"].shape == (10, 32, 32, 3) and f["images"].dtype == np.uint8
+        images = f["images"]
+        assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
         assert f["labels"].tolist() == [1, 2] * 5
     with Image.open(os.path.join(out, pngs[0])) as im:
-        im.verify()
+        grid = np.asarray(im.convert("RGB"))
+    # 10 images: 4 columns x 3 rows of 32 px cells with 2 px white borders, the last row
+    # padded with white cells
+    assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3)
+    for i in range(12):
+        cell = grid[2 + (i // 4) * 34:][:32, 2 + (i % 4) * 34:][:, :32]
+        np.testing.assert_array_equal(cell, images[i] if i < 10 else 255)
 
 
 def test_sampling_is_seeded_and_tiled_for_large_sizes(trained):
