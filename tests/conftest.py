@@ -6,30 +6,9 @@ time (pytest imports conftest.py before any test module).
 
 import os
 
-# XLA flags of every CPU program the tests compile, in this process and in the processes
-# they start (through ``xla_flags``/``cpu_env``; worker scripts read the variable): LLVM
-# optimisation level 1 instead of 3. Compiling dominates these tiny programs, and level 1
-# compiles them 2-3x faster (tiny U-Net train-state init 10.9 -> 4.0 s, tiny autoencoder
-# construction 15.4 -> 4.4 s) for slower execution; results are the same IEEE arithmetic.
-# ``LDM_JAX_TEST_XLA_EXTRA=""`` runs the suite with XLA's default (the product's) level.
-EXTRA_XLA_FLAGS = os.environ.setdefault("LDM_JAX_TEST_XLA_EXTRA", "--xla_backend_optimization_level=1")
-
-
-def xla_flags(devices: int) -> str:
-    """``XLA_FLAGS`` for a test process with ``devices`` host CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {EXTRA_XLA_FLAGS}".strip()
-
-
-def cpu_env(devices: int = 8, **extra: str) -> dict:
-    """The environment of a command-line tool a test starts: CPU, ``devices`` host devices,
-    the tests' XLA flags, offline."""
-    return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
-                LDM_JAX_OFFLINE="1", **extra)
-
-
-for _flag in xla_flags(8).split():
-    if _flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -39,6 +18,11 @@ jax.config.update("jax_threefry_partitionable", True)
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_env(**extra: str) -> dict:
+    """The environment of a command-line tool a test starts: CPU with 8 host devices, offline."""
+    return dict(os.environ, XLA_FLAGS=_flag, JAX_PLATFORMS="cpu", LDM_JAX_OFFLINE="1", **extra)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                           + os.environ.get("LDM_JAX_TEST_XLA_EXTRA", "")).strip()
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["LDM_JAX_OFFLINE"] = "1"
 

@@ -507,8 +507,7 @@ def test_bad_config_messages(tmp_path, fake_processes):
 
 _TWO_PROCESS_SCRIPT = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
-                           + os.environ.get("LDM_JAX_TEST_XLA_EXTRA", "")).strip()
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, sys.argv[4])
 import jax
