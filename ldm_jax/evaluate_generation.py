@@ -23,7 +23,8 @@ Inception weights), and ``--ref_stats FILE`` uses a precomputed file instead (ou
 pytorch-fid's ``mu`` / ``sigma`` npz; without features in it precision / recall are
 skipped).
 
-Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``):
+Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``, or
+``samples_<stats file name>`` with ``--ref_stats``):
 ``fid``; ``inception_score`` and its std over 10 splits (``ldm_jax.gen_metrics``);
 ``precision`` / ``recall`` (k = 3) on the first ``--pr_num`` (10k) samples and reference
 images; the sampler settings, checkpoint step, image counts, ``images_per_s`` (sampling,
@@ -205,7 +206,9 @@ def evaluate_generation(
     inc_gd, inc_st = nnx.split(inc)
     inc_st = jax.device_put(inc_st, rep)
     feat_fn, feat_q8_fn = _inception_fns(inc_gd, mesh)
-    tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data).strip("_") or "data"
+    # named after what the samples are scored against: the data, or the statistics file
+    ref_name = (os.path.splitext(os.path.basename(reference_stats))[0] if reference_stats else data)
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in ref_name).strip("_") or "data"
     out_dir = out_dir or os.path.join(workdir, "eval", f"samples_{tag}")
     os.makedirs(out_dir, exist_ok=True)
 

@@ -331,8 +331,8 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     assert m2["fid"] == pytest.approx(m["fid"], rel=1e-9) and m2["precision"] == m["precision"]
     # precomputed statistics without features: FID only
     stats = fid.save_stats(tmp / "ref.npz", *fid.feature_statistics(f_r), num_images=7)
-    assert evaluate.main(args + ["--ref_stats", stats]) == 0
-    with open(os.path.join(out, "metrics.json")) as f:
+    assert evaluate.main(args[:-2] + ["--ref_stats", stats]) == 0  # default --out: named after the file
+    with open(os.path.join(workdir, "eval", "samples_ref", "metrics.json")) as f:
         m3 = json.load(f)
     np.testing.assert_allclose(m3["fid"], want_fid, rtol=1e-4)
     assert m3["precision"] is None and any("precision/recall skipped" in w for w in m3["warnings"])
