@@ -2,17 +2,22 @@
 
   python sample.py --workdir=workdirs/ldm_f8 [--num=64] [--steps=50] [--sampler=ddim]
                    [--eta=0] [--cfg_scale=1.5] [--class=3 | --class=0,5,7] [--seed=0]
-                   [--size=512] [--out=DIR]
+                   [--size=512] [--out=DIR] [--grid=64] [--pngs]
 
 Uses the EMA weights of the workdir's latest checkpoint (``--noema`` for the raw ones),
 batched over all devices. ``--size`` larger than the training resolution samples a larger
 latent (the U-Net is convolutional) and decodes it with overlapping tiles
-(``ldm_jax.tiling.decode_tiled``). Writes ``samples_<step>_<sampler><steps>_s<seed>.png``
-(a grid) and a ``.npz`` with the uint8 images and their labels.
+(``ldm_jax.tiling.decode_tiled``). Writes ``samples_<step>_<sampler><steps>_s<seed>.npz``
+(``images``: uint8 [num, H, W, 3], ``labels``: int32 [num]), a PNG grid of the first
+``--grid`` images, and with ``--pngs`` every image as ``<same name>/<index>.png`` (the
+folder layout FID tools such as pytorch-fid and clean-fid read). Images are written batch
+by batch, so ``--num=50000`` needs no more host memory than one batch; files appear
+complete or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -31,35 +36,62 @@ _SIZE = flags.DEFINE_integer("size", 0, "Image side in pixels (0: the training r
 _TILE = flags.DEFINE_integer("tile_overlap", 8, "Latent overlap of decoding tiles (with --size).")
 _OUT = flags.DEFINE_string("out", "", "Output directory (default: WORKDIR/samples).")
 _NOEMA = flags.DEFINE_bool("noema", False, "Use the raw instead of the EMA weights.")
+_GRID = flags.DEFINE_integer("grid", 64, "Images in the PNG grid (the first ones; 0: no grid).")
+_PNGS = flags.DEFINE_bool("pngs", False, "Also write every image as its own PNG.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _GRID.value < 0:
+        raise app.UsageError(f"--grid must be >= 0, got {_GRID.value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import jax
     import numpy as np
 
     from ldm_jax import metric_writers as mw
-
-    from ldm_jax.sampling import sample_images
+    from ldm_jax.sampling import NpzStream, sample_stream
 
     try:
-        images, labels, tr = sample_images(
+        tr, batches = sample_stream(
             _WORKDIR.value, num=_NUM.value, seed=_SEED.value, steps=_STEPS.value, sampler=_SAMPLER.value,
             eta=_ETA.value, cfg_scale=_CFG.value, classes=_CLASS.value, size=_SIZE.value,
             batch=_BATCH.value, tile_overlap=_TILE.value, use_ema=not _NOEMA.value)
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
+    is_main = jax.process_index() == 0  # every process samples; the first one writes
     out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
-    os.makedirs(out_dir, exist_ok=True)
     s = tr.config.sampling
     tag = f"{tr.step:08d}_{_SAMPLER.value or s.sampler}{_STEPS.value or s.num_steps}_s{_SEED.value}"
-    png = os.path.join(out_dir, f"samples_{tag}.png")
-    mw.save_png(png, mw.square_grid(images))
     npz = os.path.join(out_dir, f"samples_{tag}.npz")
-    np.savez(npz, images=images, labels=labels)
-    logging.info("wrote %s and %s (%d images %s)", png, npz, len(images), images.shape[1:])
+    png_dir = os.path.join(out_dir, f"samples_{tag}")
+    h, w = ((_SIZE.value, _SIZE.value) if _SIZE.value
+            else (tr.latent_shape[0] * tr.ae_factor, tr.latent_shape[1] * tr.ae_factor))
+    if is_main:
+        os.makedirs(png_dir if _PNGS.value else out_dir, exist_ok=True)
+    grid, done = [], 0
+    with NpzStream(npz, _NUM.value, (h, w, 3)) if is_main else contextlib.nullcontext() as writer:
+        for images, labels in batches:
+            if not is_main:
+                continue
+            writer.write(images, labels)
+            if _PNGS.value:
+                for j, im in enumerate(images):
+                    mw.save_png(os.path.join(png_dir, f"{done + j:06d}.png"), im)
+            grid.extend(images[:max(_GRID.value - len(grid), 0)])
+            done += len(images)
+            logging.info("%d / %d images", done, _NUM.value)
+    if not is_main:
+        return
+    written = [npz]
+    if grid:
+        png = os.path.join(out_dir, f"samples_{tag}.png")
+        mw.save_png(png, mw.square_grid(np.stack(grid)))
+        written.append(png)
+    if _PNGS.value:
+        written.append(f"{png_dir}/ ({done} PNGs)")
+    logging.info("wrote %s (%d images of %dx%d)", ", ".join(written), done, h, w)
 
 
 if __name__ == "__main__":

@@ -83,10 +83,13 @@ def padded_labels(labels, i: int, batch: int):
     return np.concatenate([lab, np.repeat(lab[-1:], batch - len(lab))]) if len(lab) < batch else lab
 
 
-def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
+def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
                   eta: float | None = None, cfg_scale: float | None = None, classes: str = "",
                   size: int = 0, batch: int = 0, tile_overlap: int = 8, use_ema: bool = True):
-    """Returns ``(uint8 images [num, H, W, 3], labels [num], trained)``."""
+    """``(trained, batches)``: ``batches`` yields ``(uint8 images [n, H, W, 3], labels [n])``
+    global batch by global batch (on every process), ``num`` images in all, so any number of
+    samples can be written out without holding them in host memory. Batch ``i`` draws with
+    ``fold_in(seed, i)``: the images do not depend on how they are consumed."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -95,6 +98,8 @@ def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
     from ldm_jax import tiling
     from ldm_jax.trainers import ldm
 
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
     tr = ldm.load_trained(workdir, use_ema=use_ema)
     config = tr.config
     f = tr.ae_factor
@@ -111,13 +116,92 @@ def sample_images(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
         th = tr.latent_shape[0]
         jitted = jax.jit(lambda st, z: ldm.decode(tr.models, config, st, z, 1.0))
         decode_tile = lambda z: jitted(bs._state[2], z)  # noqa: E731
-    out = []
-    for i in range(math.ceil(num / bs.batch)):
-        res = bs(i, padded_labels(labels, i, bs.batch), seed)
-        # gathered on every process (one process: a plain device_get)
-        res = np.asarray(multihost_utils.process_allgather(res, tiled=True))
-        if bs.tiled:
-            res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
-                                      overlap=min(tile_overlap, th - 1))
-        out.append(mw.to_uint8(res))
-    return np.concatenate(out)[:num], labels, tr
+
+    def batches():
+        for i in range(math.ceil(num / bs.batch)):
+            res = bs(i, padded_labels(labels, i, bs.batch), seed)
+            # gathered on every process (one process: a plain device_get)
+            res = np.asarray(multihost_utils.process_allgather(res, tiled=True))
+            if bs.tiled:
+                res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
+                                          overlap=min(tile_overlap, th - 1))
+            n = min(bs.batch, num - i * bs.batch)
+            yield mw.to_uint8(res[:n]), labels[i * bs.batch:i * bs.batch + n]
+
+    return tr, batches()
+
+
+def sample_images(workdir: str, **kwargs):
+    """Returns ``(uint8 images [num, H, W, 3], labels [num], trained)`` (arguments as
+    :func:`sample_stream`)."""
+    import numpy as np
+
+    tr, batches = sample_stream(workdir, **kwargs)
+    images, labels = zip(*batches)
+    return np.concatenate(images), np.concatenate(labels), tr
+
+
+class NpzStream:
+    """Writes ``images`` (uint8 [num, H, W, C]) and ``labels`` (int32 [num]) into an
+    ``.npz`` (what ``np.load`` reads) batch by batch, so memory stays at one batch. The file
+    appears under its name only when complete (written as ``path.tmp``, renamed by
+    :meth:`close`)."""
+
+    def __init__(self, path: str, num: int, image_shape: tuple[int, ...]):
+        import zipfile
+
+        import numpy as np
+
+        self.path, self.num, self._tmp = path, int(num), path + ".tmp"
+        self._shape = tuple(int(d) for d in image_shape)
+        self._labels = np.zeros((num,), np.int32)
+        self._n = 0
+        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._member = self._zip.open("images.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(self._member, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+            "shape": (self.num, *self._shape)})
+
+    def write(self, images, labels) -> None:
+        import numpy as np
+
+        images = np.ascontiguousarray(images, np.uint8)
+        if images.shape[1:] != self._shape or len(images) != len(labels):
+            raise ValueError(f"batch of shape {images.shape} with {len(labels)} labels does not fit "
+                             f"images {self._shape}")
+        if self._n + len(images) > self.num:
+            raise ValueError(f"more than the announced {self.num} images")
+        self._member.write(images.tobytes())
+        self._labels[self._n:self._n + len(images)] = labels
+        self._n += len(images)
+
+    def close(self) -> None:
+        import os
+
+        import numpy as np
+
+        self._member.close()
+        if self._n != self.num:
+            self._abort()
+            raise ValueError(f"wrote {self._n} of the announced {self.num} images; {self.path} not written")
+        with self._zip.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, self._labels)
+        self._zip.close()
+        os.replace(self._tmp, self.path)
+
+    def _abort(self) -> None:
+        import os
+
+        self._member.close()
+        self._zip.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "NpzStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # a failed run leaves no partial file behind
+            self._abort()

@@ -208,11 +208,12 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     env = cpu_env()
     out = str(tmp_path / "out")
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
-                    "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2"],
+                    "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2", "--pngs",
+                    "--batch=8"],
                    env=env, check=True, capture_output=True, text=True, timeout=600)
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     npzs = [f for f in os.listdir(out) if f.endswith(".npz")]
-    assert len(pngs) == 1 and len(npzs) == 1
+    assert len(pngs) == 1 and len(npzs) == 1 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
     with np.load(os.path.join(out, npzs[0])) as f:
         images = f["images"]
         assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
@@ -225,6 +226,41 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     for i in range(12):
         cell = grid[2 + (i // 4) * 34:][:32, 2 + (i % 4) * 34:][:, :32]
         np.testing.assert_array_equal(cell, images[i] if i < 10 else 255)
+    # --pngs: every image on its own (written over two batches of 8), the same pixels
+    png_dir = os.path.join(out, npzs[0][:-4])
+    assert sorted(os.listdir(png_dir)) == [f"{i:06d}.png" for i in range(10)]
+    for i in range(10):
+        with Image.open(os.path.join(png_dir, f"{i:06d}.png")) as im:
+            np.testing.assert_array_equal(np.asarray(im), images[i])
+
+
+def test_npz_stream_writes_whole_files_or_none(tmp_path):
+    from ldm_jax.sampling import NpzStream
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    labels = np.arange(7, dtype=np.int32) * 3
+    path = str(tmp_path / "s.npz")
+    with NpzStream(path, 7, (4, 5, 3)) as w:
+        for a, b in ((0, 3), (3, 6), (6, 7)):
+            w.write(images[a:b], labels[a:b])
+    with np.load(path) as f:
+        assert sorted(f.files) == ["images", "labels"]
+        np.testing.assert_array_equal(f["images"], images)
+        np.testing.assert_array_equal(f["labels"], labels)
+    # too few images, a wrong shape, an interrupted run: no file at all
+    bad = str(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="wrote 3 of the announced 7"):
+        with NpzStream(bad, 7, (4, 5, 3)) as w:
+            w.write(images[:3], labels[:3])
+    with pytest.raises(ValueError, match="does not fit"):
+        with NpzStream(bad, 7, (4, 5, 3)) as w:
+            w.write(images[:, :2], labels)
+    with pytest.raises(KeyboardInterrupt):
+        with NpzStream(bad, 7, (4, 5, 3)) as w:
+            w.write(images[:3], labels[:3])
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"]
 
 
 def test_sampling_is_seeded_and_tiled_for_large_sizes(trained):
