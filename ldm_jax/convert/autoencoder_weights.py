@@ -747,7 +747,12 @@ def export_compvis(params: Any, cfg: AutoencoderConfig, path: str, *, prefix: st
     """Write CompVis-named weights to ``path``: ``.safetensors`` (no torch needed), or
     ``.ckpt`` / ``.pth`` / ``.pt`` (needs torch; saved as ``{"state_dict": ...}`` like
     CompVis checkpoints). ``prefix="first_stage_model."`` gives SD-checkpoint names."""
-    sd = params_to_torch_state_dict(params, cfg, "compvis", prefix=prefix)
+    return save_compvis_state_dict(params_to_torch_state_dict(params, cfg, "compvis", prefix=prefix), path)
+
+
+def save_compvis_state_dict(sd: dict[str, np.ndarray], path: str) -> str:
+    """Write a state dict as ``.safetensors`` (no torch needed) or as a CompVis-style
+    ``{"state_dict": ...}`` ``.ckpt`` / ``.pth`` / ``.pt`` (needs torch)."""
     if path.endswith(".safetensors"):
         _save_tensors(sd, path, metadata={"format": "pt"})
         return path

@@ -932,17 +932,6 @@ def export_compvis(params: Any, cfg: UNetConfig, path: str, prefix: str = "", *,
                       f"uses {cfg.norm_groups} groups, eps={cfg.norm_eps}, so a stock "
                       "openaimodel computes a different function with these weights",
                       stacklevel=2)
-    sd = params_to_torch_state_dict(params, cfg, "compvis", prefix=prefix,
-                                    attention_order=attention_order)
-    if path.endswith(".safetensors"):
-        aw._save_tensors(sd, path, metadata={"format": "pt"})
-        return path
-    if not path.endswith((".ckpt", ".pth", ".pt")):
-        raise ValueError(f"{path}: choose a .safetensors, .ckpt, .pth or .pt file name")
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"writing {path} needs torch; write a .safetensors instead") from e
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
-    return path
+    return aw.save_compvis_state_dict(
+        params_to_torch_state_dict(params, cfg, "compvis", prefix=prefix, attention_order=attention_order),
+        path)
