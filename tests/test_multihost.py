@@ -62,12 +62,11 @@ def config(mesh: dict, **kw):
 def final_state(workdir: str, c) -> dict:
     """The latest checkpoint's state, restored onto one device, as numpy."""
     gen_lr, disc_lr = vae_gan.learning_rates(c)
-    _, state, sh = vae_gan.create_train_state(
-        c, sharding.make_mesh(SINGLE), vae_gan.make_optimizer(gen_lr, c), vae_gan.make_optimizer(disc_lr, c))
+    _, abstract, _ = vae_gan.create_train_state(
+        c, sharding.make_mesh(SINGLE), vae_gan.make_optimizer(gen_lr, c), vae_gan.make_optimizer(disc_lr, c),
+        abstract=True)
     ck = Checkpointer(workdir)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state.as_dict(), sh.as_dict())
-    restored, _ = ck.restore(ck.latest_step(), abstract, None)
+    restored, _ = ck.restore(ck.latest_step(), abstract.as_dict(), None)
     ck.close()
     return jax.device_get(restored)
 
@@ -123,6 +122,12 @@ def test_fsdp_parameter_shardings():
     gen_lr, disc_lr = vae_gan.learning_rates(c)
     _, state, _ = vae_gan.create_train_state(c, mesh, vae_gan.make_optimizer(gen_lr, c),
                                              vae_gan.make_optimizer(disc_lr, c))
+    # the abstract state (a resume's restore target) describes exactly these arrays
+    _, abstract, _ = vae_gan.create_train_state(c, mesh, vae_gan.make_optimizer(gen_lr, c),
+                                                vae_gan.make_optimizer(disc_lr, c), abstract=True)
+    described = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), state.as_dict())
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), abstract.as_dict()) == described
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.as_dict()))
     ae = state.gen_params["ae"]
     mid = ae["decoder"]["mid"]["block_1"]["conv1"]["kernel"][...]  # (64, 3, 3, 64): 36864 elements
     assert mid.shape == (64, 3, 3, 64)

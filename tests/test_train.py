@@ -29,14 +29,11 @@ def tiny_config(**overrides):
 def _restore_state(workdir: str, config) -> dict:
     """Latest checkpoint's state as host numpy arrays."""
     gen_lr, disc_lr = vae_gan.learning_rates(config)
-    _, state, shardings = vae_gan.create_train_state(
+    _, abstract, _ = vae_gan.create_train_state(
         config, vae_gan.sharding.make_mesh(dict(data=1, fsdp=1, num_devices=1)),
-        vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config))
+        vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config), abstract=True)
     ck = Checkpointer(workdir)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state.as_dict(), shardings.as_dict())
-    restored, meta = ck.restore(ck.latest_step(), abstract, None)
+    restored, meta = ck.restore(ck.latest_step(), abstract.as_dict(), None)
     ck.close()
     return jax.device_get(restored), meta
 

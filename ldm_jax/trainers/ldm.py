@@ -311,22 +311,27 @@ def build_unet(config, channels: int, seed: int) -> UNet:
                 param_dtype=dtype(config.param_dtype), rngs=nnx.Rngs(params=seed))
 
 
-def create_train_state(config, mesh, tx, channels: int, scale_factor: float):
-    """U-Net, EMA and optimizer state born sharded on ``mesh``."""
+def create_train_state(config, mesh, tx, channels: int, scale_factor: float, *, abstract: bool = False):
+    """U-Net, EMA and optimizer state born sharded on ``mesh``; ``abstract``: only its
+    shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s, the target of a checkpoint
+    restore), nothing compiled or computed. The scale factor is an argument of the init
+    program, so one compiled init serves every scale."""
 
-    def init() -> TrainState:
+    def init(scale) -> TrainState:
         unet = build_unet(config, channels, config.seed)
         _, params, rest = nnx.split(unet, nnx.Param, ...)
         return TrainState(
             step=jnp.int32(0), params=params, rest=rest,
             ema_params=jax.tree.map(lambda p: p, params), opt=tx.init(params),
-            rng=jax.random.PRNGKey(config.seed + 1), scale_factor=jnp.float32(scale_factor),
-            nan_skips=jnp.int32(0))
+            rng=jax.random.PRNGKey(config.seed + 1), scale_factor=scale, nan_skips=jnp.int32(0))
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_unet(config, channels, config.seed)))
-    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings
+    scale = jnp.float32(scale_factor)
+    shapes = jax.eval_shape(init, scale)
+    shardings = sharding.state_shardings(shapes, mesh)
+    if abstract:
+        return graphdef, abstract_with_shardings(shapes, shardings), shardings
+    return graphdef, jax.jit(init, out_shardings=shardings)(scale), shardings
 
 
 # ----------------------------------------------------------------------------------------
@@ -396,7 +401,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- model and optimizer init (born sharded) ----------------------------------------------
     tx, lr_fn = make_optimizer(config)
-    unet_gd, state, state_sh = create_train_state(config, mesh, tx, shape[-1], scale)
+    # (resuming: shapes and shardings only, the checkpoint fills them)
+    unet_gd, state, state_sh = create_train_state(config, mesh, tx, shape[-1], scale,
+                                                  abstract=latest is not None)
     models = Models(unet=unet_gd, ae=ae_gd)
     log_once(f"U-Net {param_count(state.params) / 1e6:.2f}M params on {shape} "
              f"({config.space}); mesh {dict(mesh.shape)}; lr {config.optim.lr:g}")
@@ -408,8 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
         log_once(f"U-Net initialised from {where}")
     if latest is not None:
-        restored, meta = ckpt.restore(
-            latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
+        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter)
         state = TrainState(**restored)
         log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory}); "
                  f"scale factor {float(state.scale_factor):.5f}")

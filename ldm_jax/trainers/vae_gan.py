@@ -263,8 +263,10 @@ def make_eval_step(models: Models) -> Callable:
 # ----------------------------------------------------------------------------------------
 
 
-def create_train_state(config, mesh, gen_tx, disc_tx) -> tuple[tuple, TrainState, Any]:
-    """Build models and optimizer states directly sharded on ``mesh`` (never whole on one device)."""
+def create_train_state(config, mesh, gen_tx, disc_tx, *, abstract: bool = False) -> tuple[tuple, TrainState, Any]:
+    """Build models and optimizer states directly sharded on ``mesh`` (never whole on one
+    device); ``abstract``: only their shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s,
+    the target of a checkpoint restore), nothing compiled or computed."""
 
     def models(seed: int):
         return build_models(config, nnx.Rngs(params=seed, dropout=seed + 1))
@@ -281,9 +283,11 @@ def create_train_state(config, mesh, gen_tx, disc_tx) -> tuple[tuple, TrainState
 
     abstract_ae, abstract_disc = nnx.eval_shape(lambda: models(config.seed))
     graphdefs = (nnx.graphdef(abstract_ae), nnx.graphdef(abstract_disc))
-    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdefs, state, shardings
+    shapes = jax.eval_shape(init)
+    shardings = sharding.state_shardings(shapes, mesh)
+    if abstract:
+        return graphdefs, abstract_with_shardings(shapes, shardings), shardings
+    return graphdefs, jax.jit(init, out_shardings=shardings)(), shardings
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,7 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- model and optimizer init (born sharded) ------------------------------------------
     gen_lr, disc_lr = learning_rates(config)
     gen_tx, disc_tx = make_optimizer(gen_lr, config), make_optimizer(disc_lr, config)
-    (ae_gd, d_gd), state, state_sh = create_train_state(config, mesh, gen_tx, disc_tx)
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    # (resuming: shapes and shardings only, the checkpoint fills them)
+    (ae_gd, d_gd), state, state_sh = create_train_state(config, mesh, gen_tx, disc_tx,
+                                                        abstract=latest is not None)
     models = Models(ae=ae_gd, disc=d_gd, lpips=lp_gd)
     n_params = sum(x.size for x in jax.tree.leaves(state.gen_params["ae"]))
     n_disc = sum(x.size for x in jax.tree.leaves(state.disc_params))
@@ -329,16 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_sh = sharding.batch_sharding(mesh)
 
     # ---- checkpoint restore (or initial weights) -------------------------------------------
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
     if latest is None and config.init_from:
         _, pure, where = pretrained.load_params(os.path.expanduser(config.init_from), "autoencoder")
         ae = pretrained.params_like(state.gen_params["ae"], pure, where)
         state = state.replace(gen_params={**state.gen_params, "ae": ae})
         _log_once(f"autoencoder initialised from {where}")
     if latest is not None:
-        restored, meta = ckpt.restore(
-            latest, abstract_with_shardings(state.as_dict(), state_sh.as_dict()), train_iter)
+        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter)
         state = TrainState(**restored)
         _log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory})")
     start_step = int(jax.device_get(state.step))
