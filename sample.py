@@ -66,13 +66,11 @@ def main(argv):
     tag = f"{tr.step:08d}_{_SAMPLER.value or s.sampler}{_STEPS.value or s.num_steps}_s{_SEED.value}"
     npz = os.path.join(out_dir, f"samples_{tag}.npz")
     png_dir = os.path.join(out_dir, f"samples_{tag}")
-    h, w = ((_SIZE.value, _SIZE.value) if _SIZE.value
-            else (tr.latent_shape[0] * tr.ae_factor, tr.latent_shape[1] * tr.ae_factor))
     if is_main:
         os.makedirs(png_dir if _PNGS.value else out_dir, exist_ok=True)
     grid, done = [], 0
-    with NpzStream(npz, _NUM.value, (h, w, 3)) if is_main else contextlib.nullcontext() as writer:
-        for images, labels in batches:
+    with NpzStream(npz, _NUM.value) if is_main else contextlib.nullcontext() as writer:
+        for images, labels in batches:  # every process runs the sampler (collectives inside)
             if not is_main:
                 continue
             writer.write(images, labels)
@@ -91,7 +89,7 @@ def main(argv):
         written.append(png)
     if _PNGS.value:
         written.append(f"{png_dir}/ ({done} PNGs)")
-    logging.info("wrote %s (%d images of %dx%d)", ", ".join(written), done, h, w)
+    logging.info("wrote %s (%d images of %s)", ", ".join(written), done, images.shape[1:])
 
 
 if __name__ == "__main__":

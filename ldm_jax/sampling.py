@@ -142,20 +142,25 @@ def sample_images(workdir: str, **kwargs):
 
 
 class NpzStream:
-    """Writes ``images`` (uint8 [num, H, W, C]) and ``labels`` (int32 [num]) into an
-    ``.npz`` (what ``np.load`` reads) batch by batch, so memory stays at one batch. The file
-    appears under its name only when complete (written as ``path.tmp``, renamed by
-    :meth:`close`)."""
+    """Writes ``images`` (uint8 [num, H, W, C], the shape of the first batch) and ``labels``
+    (int32 [num]) into an ``.npz`` (what ``np.load`` reads) batch by batch, so memory stays
+    at one batch. The file appears under its name only when complete (written as
+    ``path.tmp``, renamed by :meth:`close`)."""
 
-    def __init__(self, path: str, num: int, image_shape: tuple[int, ...]):
+    def __init__(self, path: str, num: int):
+        import numpy as np
+
+        self.path, self.num, self._tmp = path, int(num), path + ".tmp"
+        self._labels = np.zeros((num,), np.int32)
+        self._n = 0
+        self._zip = self._member = self._shape = None
+
+    def _open(self, image_shape: tuple[int, ...]) -> None:
         import zipfile
 
         import numpy as np
 
-        self.path, self.num, self._tmp = path, int(num), path + ".tmp"
-        self._shape = tuple(int(d) for d in image_shape)
-        self._labels = np.zeros((num,), np.int32)
-        self._n = 0
+        self._shape = tuple(image_shape)
         self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._member = self._zip.open("images.npy", "w", force_zip64=True)
         np.lib.format.write_array_header_1_0(self._member, {
@@ -166,6 +171,8 @@ class NpzStream:
         import numpy as np
 
         images = np.ascontiguousarray(images, np.uint8)
+        if self._zip is None:
+            self._open(images.shape[1:])
         if images.shape[1:] != self._shape or len(images) != len(labels):
             raise ValueError(f"batch of shape {images.shape} with {len(labels)} labels does not fit "
                              f"images {self._shape}")
@@ -180,10 +187,10 @@ class NpzStream:
 
         import numpy as np
 
-        self._member.close()
         if self._n != self.num:
             self._abort()
             raise ValueError(f"wrote {self._n} of the announced {self.num} images; {self.path} not written")
+        self._member.close()
         with self._zip.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, self._labels)
         self._zip.close()
@@ -192,8 +199,9 @@ class NpzStream:
     def _abort(self) -> None:
         import os
 
-        self._member.close()
-        self._zip.close()
+        if self._zip is not None:
+            self._member.close()
+            self._zip.close()
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 

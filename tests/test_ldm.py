@@ -241,7 +241,7 @@ def test_npz_stream_writes_whole_files_or_none(tmp_path):
     images = rng.integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
     labels = np.arange(7, dtype=np.int32) * 3
     path = str(tmp_path / "s.npz")
-    with NpzStream(path, 7, (4, 5, 3)) as w:
+    with NpzStream(path, 7) as w:
         for a, b in ((0, 3), (3, 6), (6, 7)):
             w.write(images[a:b], labels[a:b])
     with np.load(path) as f:
@@ -251,13 +251,17 @@ def test_npz_stream_writes_whole_files_or_none(tmp_path):
     # too few images, a wrong shape, an interrupted run: no file at all
     bad = str(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="wrote 3 of the announced 7"):
-        with NpzStream(bad, 7, (4, 5, 3)) as w:
+        with NpzStream(bad, 7) as w:
             w.write(images[:3], labels[:3])
-    with pytest.raises(ValueError, match="does not fit"):
-        with NpzStream(bad, 7, (4, 5, 3)) as w:
-            w.write(images[:, :2], labels)
+    with pytest.raises(ValueError, match="does not fit"):  # the first batch fixes the image shape
+        with NpzStream(bad, 7) as w:
+            w.write(images[:3], labels[:3])
+            w.write(images[3:, :2], labels[3:])
+    with pytest.raises(ValueError, match="wrote 0 of the announced 7"):
+        with NpzStream(bad, 7):
+            pass
     with pytest.raises(KeyboardInterrupt):
-        with NpzStream(bad, 7, (4, 5, 3)) as w:
+        with NpzStream(bad, 7) as w:
             w.write(images[:3], labels[:3])
             raise KeyboardInterrupt
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]
