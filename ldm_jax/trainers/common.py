@@ -1,10 +1,13 @@
-"""Pieces shared by the trainers: dtypes, guarded updates, sharded abstract states."""
+"""Pieces shared by the trainers: dtypes, guarded updates, sharded abstract states, the
+step loop."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +99,84 @@ def prepare_workdir(config: Any, workdir: str):
     writer = mw.create_writer(os.path.join(workdir, "tensorboard"), is_main=is_main)
     writer.write_hparams({k: v for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)})
     return is_main, writer
+
+
+# ----------------------------------------------------------------------------------------
+# The step loop
+# ----------------------------------------------------------------------------------------
+
+
+def run_training_loop(config: Any, *, state: Any, start_step: int, train_step: Callable,
+                      next_batch: Callable[[], Any], empty_metrics: Callable[[], Any],
+                      metrics_sharding: Any, writer: Any, ckpt: Any, is_main: bool,
+                      progress_keys: Sequence[str],
+                      run_eval: Callable[[Any, int], dict], save: Callable[[Any, int], None],
+                      write_images: Callable[[Any, int], None] | None = None,
+                      extra_scalars: Callable[[], dict] | None = None) -> dict:
+    """Both trainers' loop from ``start_step`` to ``config.num_train_steps``.
+
+    Each step: ``state, acc = train_step(state, next_batch(), acc)`` (the first one timed,
+    compile included), where ``acc`` starts as ``empty_metrics()`` (a fresh one each time:
+    the step may donate it). Every ``log_every_steps`` (and at the last step) the accumulated
+    metrics are fetched, reset and written as ``train/*`` with ``nan_skips_total``,
+    ``extra_scalars()`` and ``images_per_sec``, and the progress line shows
+    ``progress_keys``; every ``eval_every_steps`` ``run_eval(state, step)``; every
+    ``image_every_steps`` ``write_images(state, step)``; every ``checkpoint_every_steps``
+    ``save(state, step)``. The last step does all of them. SIGTERM (preemption) saves at
+    the next log boundary, agreed by all processes, and stops. ``ckpt`` and ``writer``
+    are closed on the way out, on errors too.
+
+    Returns ``{"history": {step: scalars}, "eval": last eval result, "start_step",
+    "final_step"}``.
+    """
+    from ldm_jax import checkpointing
+    from ldm_jax import metric_writers as mw
+
+    history: dict[int, dict] = {}
+    eval_result: dict = {}
+    acc = jax.device_put(empty_metrics(), metrics_sharding)
+    progress = mw.Progress(config.num_train_steps, start_step, config.global_batch_size, enabled=is_main)
+    preempt = checkpointing.PreemptionFlag()
+    step = start_step
+    try:
+        while step < config.num_train_steps:
+            batch = next_batch()
+            if step == start_step:
+                t0 = time.perf_counter()
+                state, acc = train_step(state, batch, acc)
+                jax.block_until_ready(acc)
+                log_once(f"first step (compile + run) took {time.perf_counter() - t0:.1f}s")
+            else:
+                state, acc = train_step(state, batch, acc)
+            step += 1
+            last = step == config.num_train_steps
+            if step % config.log_every_steps == 0 or last:
+                scalars = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
+                acc = jax.device_put(empty_metrics(), metrics_sharding)
+                scalars["nan_skips_total"] = float(jax.device_get(state.nan_skips))
+                if extra_scalars is not None:
+                    scalars.update(extra_scalars())
+                scalars["images_per_sec"] = progress.update(step, {k: scalars[k] for k in progress_keys})
+                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                history[step] = scalars
+            if step % config.eval_every_steps == 0 or last:
+                eval_result = run_eval(state, step)
+                if is_main:
+                    log.info("step %d eval %s", step, json.dumps(eval_result))
+            if write_images is not None and (step % config.image_every_steps == 0 or last):
+                write_images(state, step)
+            stop = preempt.should_stop(step, config.log_every_steps)
+            if step % config.checkpoint_every_steps == 0 or last or stop:
+                save(state, step)
+            if stop:
+                log_once(f"stopped by SIGTERM at step {step}; checkpoint saved")
+                break
+        writer.flush()
+    finally:
+        preempt.restore_handler()
+        ckpt.close()
+        writer.close()
+    return {"history": history, "eval": eval_result, "start_step": start_step, "final_step": step}
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ the data iterator; a run restarted with the same workdir continues exactly.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, Callable
@@ -37,9 +36,8 @@ from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once,
                                      lr_schedule, microbatch_mean, param_count,
-                                     prepare_workdir, tree_where)
+                                     prepare_workdir, run_training_loop, tree_where)
 
-log = logging.getLogger("ldm_jax")
 
 METRIC_NAMES = ("loss", "grad_norm", "lr", "ema_decay", "skipped")
 TrainMetrics = clu_metrics.Collection.create(
@@ -439,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           out_shardings=batch_sh)
     sample_labels = jax.device_put(np.arange(n_img, dtype=np.int32) % max(num_classes, 1), batch_sh)
 
-    def run_eval(step: int) -> dict:
+    def run_eval(state: TrainState, step: int) -> dict:
         losses = []
         for i, b in enumerate(eval_batches):
             gb = sharding.global_batch(b, batch_sh)
@@ -449,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, result)
         return result
 
-    def write_samples(step: int) -> None:
+    def write_samples(state: TrainState, step: int) -> None:
         imgs = sample_step(state.ema_params, state.rest, ae_state,
                            jax.random.PRNGKey(config.seed + 7), sample_labels, state.scale_factor)
         imgs = multihost_utils.process_allgather(imgs, tiled=True)[:config.num_image_samples]
@@ -458,57 +456,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
             mw.save_png(os.path.join(workdir, "images", f"samples_{step:08d}.png"), grid)
 
-    def save(step: int) -> None:
+    def save(state: TrainState, step: int) -> None:
         meta = dict(step=step, name=config.name, time=time.time(), skipped_files=data.skipped_count(),
                     scale_factor=float(jax.device_get(state.scale_factor)))
         ckpt.save(step, state.as_dict(), train_iter, meta)
 
     # ---- training loop ---------------------------------------------------------------------------
-    history: dict[int, dict] = {}
-    eval_result: dict = {}
-    acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
-    progress = mw.Progress(config.num_train_steps, start_step, config.global_batch_size, enabled=is_main)
-    preempt = checkpointing.PreemptionFlag()
-    step = start_step
-    first_step = True
-    try:
-        while step < config.num_train_steps:
-            raw = next(train_iter)
-            batch = sharding.global_batch(
-                {k: v for k, v in raw.items() if k in ("image", "moments", "label")}, batch_sh)
-            t0 = time.perf_counter()
-            state, acc = train_step(state, ae_state, batch, acc)
-            if first_step:
-                jax.block_until_ready(acc)
-                log_once(f"first step (compile + run) took {time.perf_counter() - t0:.1f}s")
-                first_step = False
-            step += 1
-            last = step == config.num_train_steps
-            if step % config.log_every_steps == 0 or last:
-                scalars = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
-                acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
-                scalars["nan_skips_total"] = float(jax.device_get(state.nan_skips))
-                scalars["images_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
-                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                history[step] = scalars
-            if step % config.eval_every_steps == 0 or last:
-                eval_result = run_eval(step)
-                if is_main:
-                    log.info("step %d eval %s", step, json.dumps(eval_result))
-            if step % config.image_every_steps == 0 or last:
-                write_samples(step)
-            stop = preempt.should_stop(step, config.log_every_steps)
-            if step % config.checkpoint_every_steps == 0 or last or stop:
-                save(step)
-            if stop:
-                log_once(f"stopped by SIGTERM at step {step}; checkpoint saved")
-                break
-        writer.flush()
-    finally:
-        preempt.restore_handler()
-        ckpt.close()
-        writer.close()
-    return {"history": history, "eval": eval_result, "start_step": start_step, "final_step": step}
+    def next_batch():
+        raw = next(train_iter)
+        return sharding.global_batch({k: v for k, v in raw.items() if k in ("image", "moments", "label")},
+                                     batch_sh)
+
+    return run_training_loop(
+        config, state=state, start_step=start_step,
+        train_step=lambda st, batch, acc: train_step(st, ae_state, batch, acc), next_batch=next_batch,
+        empty_metrics=TrainMetrics.empty, metrics_sharding=metrics_sh, writer=writer, ckpt=ckpt,
+        is_main=is_main, progress_keys=("loss",), run_eval=run_eval, save=save,
+        write_images=write_samples)
 
 
 # ----------------------------------------------------------------------------------------

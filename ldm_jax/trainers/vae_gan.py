@@ -25,8 +25,6 @@ discriminator starts, the step equals the step on the whole batch.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 from typing import Any, Callable
@@ -48,10 +46,9 @@ from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
 from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
                                      lr_schedule, microbatch_mean,
-                                     log_once as _log_once, prepare_workdir,
+                                     log_once as _log_once, prepare_workdir, run_training_loop,
                                      tree_where as _tree_where)
 
-log = logging.getLogger("ldm_jax")
 
 METRIC_NAMES = (
     "loss", "nll_loss", "rec_loss", "p_loss", "kl_loss", "g_loss", "d_loss", "d_weight",
@@ -358,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         donate_argnums=(0, 3))
     eval_step = jax.jit(make_eval_step(models))
 
-    def run_eval(step: int) -> dict:
+    def run_eval(state: TrainState, step: int) -> dict:
         sums: dict = {}
         first = None
         for b in eval_batches:
@@ -383,55 +380,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 mw.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
         return result
 
-    def save(step: int) -> None:
+    def save(state: TrainState, step: int) -> None:
         meta = dict(step=step, name=config.name, time=time.time(),
                     skipped_files=data.skipped_count())
         ckpt.save(step, state.as_dict(), train_iter, meta)
 
     # ---- training loop ---------------------------------------------------------------------
-    history: dict[int, dict] = {}
-    eval_result: dict = {}
-    acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
-    progress = mw.Progress(config.num_train_steps, start_step, config.global_batch_size,
-                           enabled=is_main)
-    preempt = checkpointing.PreemptionFlag()
-    step = start_step
-    t_compile = None
-    try:
-        while step < config.num_train_steps:
-            batch = sharding.global_batch(next(train_iter), batch_sh)
-            if t_compile is None:
-                t0 = time.perf_counter()
-                state, acc = train_step(state, lpips_state, batch, acc)
-                jax.block_until_ready(acc)
-                t_compile = time.perf_counter() - t0
-                _log_once(f"first step (compile + run) took {t_compile:.1f}s")
-            else:
-                state, acc = train_step(state, lpips_state, batch, acc)
-            step += 1
-            last = step == config.num_train_steps
-            if step % config.log_every_steps == 0 or last:
-                scalars = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
-                acc = jax.device_put(TrainMetrics.empty(), metrics_sh)
-                scalars["nan_skips_total"] = float(jax.device_get(state.nan_skips))
-                scalars["skipped_files"] = float(data.skipped_count())
-                ips = progress.update(step, {k: scalars[k] for k in ("loss", "rec_loss", "d_loss")})
-                scalars["images_per_sec"] = ips
-                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                history[step] = scalars
-            if step % config.eval_every_steps == 0 or last:
-                eval_result = run_eval(step)
-                if is_main:
-                    log.info("step %d eval %s", step, json.dumps(eval_result))
-            stop = preempt.should_stop(step, config.log_every_steps)
-            if step % config.checkpoint_every_steps == 0 or last or stop:
-                save(step)
-            if stop:
-                _log_once(f"stopped by SIGTERM at step {step}; checkpoint saved")
-                break
-        writer.flush()
-    finally:
-        preempt.restore_handler()
-        ckpt.close()
-        writer.close()
-    return {"history": history, "eval": eval_result, "start_step": start_step, "final_step": step}
+    return run_training_loop(
+        config, state=state, start_step=start_step,
+        train_step=lambda st, batch, acc: train_step(st, lpips_state, batch, acc),
+        next_batch=lambda: sharding.global_batch(next(train_iter), batch_sh),
+        empty_metrics=TrainMetrics.empty, metrics_sharding=metrics_sh, writer=writer, ckpt=ckpt,
+        is_main=is_main, progress_keys=("loss", "rec_loss", "d_loss"), run_eval=run_eval, save=save,
+        extra_scalars=lambda: {"skipped_files": float(data.skipped_count())})
