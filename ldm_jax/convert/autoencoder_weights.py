@@ -600,12 +600,9 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _unwrap(obj: Mapping[str, Any]) -> dict[str, Any]:
-    for key in ("state_dict", "model"):
-        inner = obj.get(key)
-        if isinstance(inner, Mapping):
-            obj = inner
-            break
-    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    from ldm_jax.convert.torch_pickle import unwrap_state_dict
+
+    return {k: v for k, v in unwrap_state_dict(obj).items() if isinstance(v, np.ndarray)}
 
 
 def diffusers_dir(path: str) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from ldm_jax.convert.lpips_weights import check_keys
-from ldm_jax.convert.torch_pickle import load_torch_state_dict
+from ldm_jax.convert.torch_pickle import load_torch_state_dict, unwrap_state_dict
 from ldm_jax.models.inception import FIDInceptionV3, inception_weights
 from ldm_jax.weights_cache import (
     default_cache_dir,
@@ -109,20 +109,12 @@ def torch_key_shapes() -> dict[str, tuple[int, ...]]:
     return {_torch_key(k): _to_torch_shape(k, s) for k, s in _our_shapes().items()}
 
 
-def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    for key in ("state_dict", "model"):
-        inner = state_dict.get(key)
-        if isinstance(inner, Mapping):
-            return inner
-    return state_dict
-
-
 def convert_inception(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """pytorch-fid FID Inception state dict -> ``{our key: float32 array}``.
 
     Raises one ValueError listing unknown, missing and mis-shaped keys.
     """
-    sd = {k: v for k, v in _unwrap(state_dict).items() if not k.endswith("num_batches_tracked")}
+    sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.endswith("num_batches_tracked")}
     ours = _our_shapes()
     expected = {_torch_key(k): _to_torch_shape(k, s) for k, s in ours.items()}
     check_keys("FID Inception state dict (expected pytorch-fid's "

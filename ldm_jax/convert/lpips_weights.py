@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax.convert.torch_pickle import load_torch_state_dict
+from ldm_jax.convert.torch_pickle import load_torch_state_dict, unwrap_state_dict
 from ldm_jax.weights_cache import default_cache_dir, save_npz_atomic
 
 __all__ = [
@@ -58,15 +58,6 @@ VGG16_LAYERS: tuple[tuple[str, int, int, int], ...] = (
 HEAD_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 
 
-def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Pick the tensor dict out of a wrapper checkpoint (``state_dict`` / ``model`` key)."""
-    for key in ("state_dict", "model"):
-        inner = state_dict.get(key)
-        if isinstance(inner, Mapping):
-            return inner
-    return state_dict
-
-
 def check_keys(
     what: str,
     arrays: Mapping[str, Any],
@@ -97,7 +88,7 @@ def check_keys(
 
 def convert_vgg16(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """torchvision vgg16 state dict -> ``{'vgg/convB_I/kernel': HWIO, '.../bias': [O]}``."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     expected: dict[str, tuple[int, ...]] = {}
     for _name, idx, cin, cout in VGG16_LAYERS:
         expected[f"features.{idx}.weight"] = (cout, cin, 3, 3)
@@ -113,7 +104,7 @@ def convert_vgg16(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def convert_lpips_heads(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """lpips v0.1 heads state dict -> ``{'lin{k}/weight': [C]}``."""
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     expected = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(HEAD_CHANNELS)}
     check_keys("LPIPS heads state dict", sd, expected)
     out = {}

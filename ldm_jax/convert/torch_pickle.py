@@ -25,6 +25,7 @@ import pickle
 import struct
 import tarfile
 import zipfile
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import ml_dtypes
@@ -375,6 +376,16 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         raise TorchPickleError(
             f"{path}: top-level object is {type(obj).__name__}, expected a dict of tensors"
         )
+    return obj
+
+
+def unwrap_state_dict(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The tensor dict inside a wrapper checkpoint (its ``'state_dict'`` or ``'model'``
+    entry, as Lightning and many training scripts save), else ``obj`` itself."""
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            return inner
     return obj
 
 
