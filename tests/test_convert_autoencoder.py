@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close_to_reference, assert_same_param_trees
 from ldm_jax.convert import autoencoder_weights as aw
 from ldm_jax.models.autoencoder import AutoencoderConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RTOL = 1e-4
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=32)
 SD_F8 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -103,15 +103,6 @@ def _nchw(a) -> np.ndarray:
     return np.asarray(a).transpose(0, 3, 1, 2)
 
 
-def _close(name: str, ours, ref) -> float:
-    ref = np.asarray(ref)
-    err = float(np.max(np.abs(np.asarray(ours) - ref)))
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    print(f"  {name}: max abs err {err:.2e} (max |ref| {float(np.max(np.abs(ref))):.2f})")
-    assert err <= RTOL * scale, f"{name}: max abs err {err} > {RTOL} * {scale}"
-    return err
-
-
 class _Reference:
     """Torch reference outputs of one diffusers model on fixed inputs."""
 
@@ -131,11 +122,11 @@ class _Reference:
         print(f"\n{what}:")
         model = aw.make_autoencoder(cfg, params)
         post = model.encode(_nhwc(self.x))
-        _close("encoder mean", _nchw(post.mean), self.mean)
-        _close("encoder logvar", _nchw(post.logvar), self.logvar)
-        _close("decoder", _nchw(model.decode(_nhwc(self.z))), self.dec)
+        assert_close_to_reference("encoder mean", _nchw(post.mean), self.mean)
+        assert_close_to_reference("encoder logvar", _nchw(post.logvar), self.logvar)
+        assert_close_to_reference("decoder", _nchw(model.decode(_nhwc(self.z))), self.dec)
         recon, _ = model(_nhwc(self.x))
-        _close("forward (posterior mode)", _nchw(recon), self.full)
+        assert_close_to_reference("forward (posterior mode)", _nchw(recon), self.full)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -266,14 +257,6 @@ def _random_params(cfg: AutoencoderConfig, seed: int = 0) -> dict:
     return aw._unflatten(flat)
 
 
-def _assert_same_params(a, b) -> None:
-    fa, fb = aw._flatten(a), aw._flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert fa[k].dtype == np.float32
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
-
-
 @pytest.mark.parametrize("cfg", [
     AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32, attn_resolutions=(16,)),
     AutoencoderConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, embed_dim=3, z_channels=3),
@@ -291,16 +274,16 @@ def test_diffusers_export_round_trip(tmp_path, cfg):
     assert model.config.scaling_factor == 0.5
     back = aw.torch_state_dict_to_params(_state_dict(model))
     assert aw.infer_config(_state_dict(model), resolution=cfg.resolution) == cfg
-    _assert_same_params(back, params)
+    assert_same_param_trees(back, params)
     cfg2, back2, _ = aw.import_autoencoder(out)  # via the folder's config.json
     assert cfg2 == cfg
-    _assert_same_params(back2, params)
+    assert_same_param_trees(back2, params)
     # ... and it computes what ours computes.
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         ref = model(x, sample_posterior=False).sample.numpy()
     recon, _ = aw.make_autoencoder(cfg, params)(_nhwc(x))
-    _close(f"exported diffusers model forward ({cfg.ch_mult})", _nchw(recon), ref)
+    assert_close_to_reference(f"exported diffusers model forward ({cfg.ch_mult})", _nchw(recon), ref)
 
 
 def test_compvis_export_round_trip(tmp_path):
@@ -313,11 +296,11 @@ def test_compvis_export_round_trip(tmp_path):
     assert "encoder.down.0.attn.0.q.weight" in sd and sd["encoder.down.0.attn.0.q.weight"].ndim == 4
     assert "decoder.up.1.upsample.conv.weight" in sd
     assert aw.infer_config(sd, resolution=32) == cfg
-    _assert_same_params(aw.torch_state_dict_to_params(sd, cfg, "compvis"), params)
+    assert_same_param_trees(aw.torch_state_dict_to_params(sd, cfg, "compvis"), params)
     # SD-style names, in a torch .ckpt read back by the torch-free reader.
     path = aw.export_compvis(params, cfg, str(tmp_path / "vae.safetensors"), prefix=aw.SD_PREFIX)
     assert all(k.startswith(aw.SD_PREFIX) for k in aw.load_torch_file(path))
-    _assert_same_params(aw.import_autoencoder(path, "compvis", resolution=32)[1], params)
+    assert_same_param_trees(aw.import_autoencoder(path, "compvis", resolution=32)[1], params)
     # z_channels != embed_dim (CompVis allows it) cannot be a diffusers AutoencoderKL.
     with pytest.raises(ValueError, match="z_channels=4 != embed_dim=3"):
         aw.export_diffusers(params, cfg, str(tmp_path / "dif"))
@@ -330,7 +313,7 @@ def test_compvis_ckpt_via_torch(tmp_path):
     cfg = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
     params = _random_params(cfg, seed=2)
     path = aw.export_compvis(params, cfg, str(tmp_path / "vae.ckpt"), prefix=aw.SD_PREFIX)
-    _assert_same_params(aw.torch_state_dict_to_params(aw.load_torch_file(path)), params)
+    assert_same_param_trees(aw.torch_state_dict_to_params(aw.load_torch_file(path)), params)
     sd = {k: torch.from_numpy(v).half() for k, v in
           aw.params_to_torch_state_dict(params, cfg, "compvis", prefix=aw.SD_PREFIX).items()}
     sd["model.diffusion_model.out.2.weight"] = torch.zeros(4, 8, 3, 3)
@@ -358,8 +341,8 @@ def test_half_precision_sources(tmp_path):
         for p, v in aw._flatten(params).items():
             assert v.dtype == np.float32
         want = aw.torch_state_dict_to_params({k: v.float().numpy() for k, v in tsd.items()})
-        _assert_same_params(params, want)
-        _assert_same_params(aw.torch_state_dict_to_params(tsd), want)  # torch tensors directly
+        assert_same_param_trees(params, want)
+        assert_same_param_trees(aw.torch_state_dict_to_params(tsd), want)  # torch tensors directly
 
 
 def test_compvis_discriminator_import():
@@ -401,7 +384,7 @@ def test_compvis_discriminator_import():
     with torch.no_grad():
         ref = main(x).numpy()
     print()
-    _close("discriminator logits (eval)", _nchw(disc(_nhwc(x))), ref)
+    assert_close_to_reference("discriminator logits (eval)", _nchw(disc(_nhwc(x))), ref)
     del sd["loss.discriminator.main.6.running_var"]
     with pytest.raises(ValueError, match="main.6.running_var"):
         aw.discriminator_from_compvis(sd)
@@ -482,7 +465,7 @@ def test_cli_import_export(tmp_path, capsys):
     with torch.no_grad():
         ref = model.decode(z).sample.numpy()
     print()
-    _close("CLI-imported decoder", _nchw(ae.decode(_nhwc(z))), ref)
+    assert_close_to_reference("CLI-imported decoder", _nchw(ae.decode(_nhwc(z))), ref)
 
     # Export (in-process main): the scaling factor travels along.
     assert main(["autoencoder-export", "--src", str(out), "--format", "diffusers",
@@ -496,7 +479,7 @@ def test_cli_import_export(tmp_path, capsys):
     a, b = load_autoencoder(str(tmp_path / "pre2")), load_autoencoder(str(out))
     assert a[1] == b[1]
     from flax import nnx
-    _assert_same_params(nnx.to_pure_dict(nnx.state(a[0], nnx.Param)),
+    assert_same_param_trees(nnx.to_pure_dict(nnx.state(a[0], nnx.Param)),
                         nnx.to_pure_dict(nnx.state(b[0], nnx.Param)))
 
     # Errors: one line on stderr, exit status 2.

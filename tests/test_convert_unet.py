@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_close_to_reference, assert_same_param_trees
 from ldm_jax.convert import unet_weights as uw
 from ldm_jax.models.unet import UNetConfig
 
@@ -29,7 +30,6 @@ torch = pytest.importorskip("torch", reason="torch is needed for parity with PyT
 diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for UNet2DModel parity")
 pytest.importorskip("safetensors")
 
-RTOL = 1e-4
 SIZE = 16
 TINY = dict(sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64),
             layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -74,23 +74,6 @@ def _ours(cfg: UNetConfig, params, x, t, y) -> np.ndarray:
     out = fn(model, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), jnp.asarray(t.numpy()),
              None if y is None else jnp.asarray(y.numpy()))
     return np.asarray(out).transpose(0, 3, 1, 2)
-
-
-def _close(name: str, ours, ref) -> float:
-    ref = np.asarray(ref)
-    err = float(np.max(np.abs(np.asarray(ours) - ref)))
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    print(f"  {name}: max abs err {err:.2e} (max |ref| {float(np.max(np.abs(ref))):.2f})")
-    assert err <= RTOL * scale, f"{name}: max abs err {err} > {RTOL} * {scale}"
-    return err
-
-
-def _assert_same_params(a, b) -> None:
-    fa, fb = uw.aw._flatten(a), uw.aw._flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert fa[k].dtype == np.float32
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
 def _random_params(cfg: UNetConfig, seed: int = 0) -> dict:
@@ -224,7 +207,7 @@ def test_diffusers_parity(case):
     assert uw.detect_layout(sd) == "diffusers"
     assert uw.infer_config(sd, num_head_channels=16, norm_groups=cfg.norm_groups) == cfg
     print(f"\n{case['name']}:")
-    _close("diffusers UNet2DModel vs ours", _ours(cfg, case["params"], case["x"], case["t"],
+    assert_close_to_reference("diffusers UNet2DModel vs ours", _ours(cfg, case["params"], case["x"], case["t"],
                                                   case["y"]), case["ref"])
     # Our diffusers export is the original state dict, bit for bit.
     back = uw.params_to_torch_state_dict(case["params"], cfg, "diffusers")
@@ -251,8 +234,8 @@ def test_compvis_layout_against_openaimodel_reference(case):
             out = _openaimodel_forward(cv, case["x"], case["t"], case["y"], head_channels=16,
                                        scale_shift=cfg.use_scale_shift_norm,
                                        groups=cfg.norm_groups, order=order).numpy()
-        _close(f"openaimodel reference ({order} qkv) vs diffusers", out, case["ref"])
-        _assert_same_params(uw.torch_state_dict_to_params(cv, cfg, "compvis",
+        assert_close_to_reference(f"openaimodel reference ({order} qkv) vs diffusers", out, case["ref"])
+        assert_same_param_trees(uw.torch_state_dict_to_params(cv, cfg, "compvis",
                                                           attention_order=order), params)
         if order == "legacy":
             legacy = cv
@@ -290,7 +273,7 @@ def test_diffusers_export_round_trip(tmp_path):
     assert model.config.attention_head_dim is None and model.config.num_class_embeds == 4
     assert model.mid_block.attentions[0].group_norm is not None
     sd = _state_dict(model)
-    _assert_same_params(uw.torch_state_dict_to_params(sd, cfg), params)
+    assert_same_param_trees(uw.torch_state_dict_to_params(sd, cfg), params)
     assert uw.infer_config(sd, num_heads=1) == cfg
     legacy = {}  # pre-0.14 diffusers attention names load too
     for k, v in sd.items():
@@ -299,17 +282,17 @@ def test_diffusers_export_round_trip(tmp_path):
             k = k.replace(f".{new}.", f".{old}.")
         legacy[k] = v
     assert "mid_block.attentions.0.proj_attn.weight" in legacy
-    _assert_same_params(uw.torch_state_dict_to_params(legacy, cfg), params)
+    assert_same_param_trees(uw.torch_state_dict_to_params(legacy, cfg), params)
     cfg2, back, meta = uw.import_unet(out)  # via the folder's config.json
     assert cfg2 == cfg and meta == {"layout": "diffusers", "source": os.path.abspath(out),
                                     "sample_size": SIZE}
-    _assert_same_params(back, params)
+    assert_same_param_trees(back, params)
     g = torch.Generator().manual_seed(5)
     x, t, y = torch.randn(1, 3, 8, 8, generator=g), torch.tensor([999]), torch.tensor([3])
     with torch.no_grad():
         ref = model.eval()(x, t, y).sample.numpy()
     print()
-    _close("exported diffusers model vs ours", _ours(cfg, params, x, t, y), ref)
+    assert_close_to_reference("exported diffusers model vs ours", _ours(cfg, params, x, t, y), ref)
 
 
 def test_compvis_files_round_trip(tmp_path):
@@ -327,11 +310,11 @@ def test_compvis_files_round_trip(tmp_path):
         uw.import_unet(path)
     got_cfg, got, meta = uw.import_unet(path, num_heads=2)
     assert got_cfg == cfg and meta["layout"] == "compvis" and meta["attention_order"] == "legacy"
-    _assert_same_params(got, params)
+    assert_same_param_trees(got, params)
     # Conv1d projections stored as Linear (out, in) / 1x1 Conv2d (out, in, 1, 1) load too.
     sd["middle_block.1.proj_out.weight"] = sd["middle_block.1.proj_out.weight"][:, :, 0]
     sd["middle_block.1.qkv.weight"] = sd["middle_block.1.qkv.weight"][..., None]
-    _assert_same_params(uw.torch_state_dict_to_params(sd, cfg), params)
+    assert_same_param_trees(uw.torch_state_dict_to_params(sd, cfg), params)
 
     # An LDM checkpoint: U-Net, its LitEma copy (dots removed), VAE and schedule buffers.
     full = uw.params_to_torch_state_dict(params, cfg, "compvis", prefix=uw.LDM_PREFIX)
@@ -353,7 +336,7 @@ def test_compvis_files_round_trip(tmp_path):
         got_cfg, got, meta = uw.import_unet(str(tmp_path / "ldm.ckpt"),
                                             config=str(tmp_path / "ldm.yaml"), use_ema=use_ema)
         assert got_cfg == cfg and meta["sample_size"] == 16 and meta.get("ema", False) == use_ema
-        _assert_same_params(got, want)
+        assert_same_param_trees(got, want)
     # Saved with the "new" order: the YAML's use_new_attention_order selects it.
     uw.export_compvis(params, cfg, str(tmp_path / "new.safetensors"), uw.LDM_PREFIX,
                       attention_order="new")
@@ -362,7 +345,7 @@ def test_compvis_files_round_trip(tmp_path):
     got_cfg, got, meta = uw.import_unet(str(tmp_path / "new.safetensors"),
                                         config=str(tmp_path / "new.yaml"))
     assert meta["attention_order"] == "new"
-    _assert_same_params(got, params)
+    assert_same_param_trees(got, params)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -421,7 +404,7 @@ def test_cli_import_export(tmp_path, case):
     cfg = UNetConfig.from_dict(cfg_dict)
     assert cfg == case["cfg"]
     print()
-    _close("CLI import vs torch", _ours(cfg, params, case["x"], case["t"], case["y"]), case["ref"])
+    assert_close_to_reference("CLI import vs torch", _ours(cfg, params, case["x"], case["t"], case["y"]), case["ref"])
 
     assert main(["unet-export", "--src", str(out), "--format", "diffusers",
                  "--out", str(tmp_path / "dif")]) == 0
@@ -435,14 +418,14 @@ def test_cli_import_export(tmp_path, case):
     with pytest.warns(UserWarning, match="GroupNorm\\(32"):  # 8 groups: not a stock openaimodel
         assert main(["unet-export", "--src", str(out), "--format", "compvis", "--prefix",
                      "--out", str(tmp_path / "cv.safetensors")]) == 0
-    _assert_same_params(uw.import_unet(str(tmp_path / "cv.safetensors"), config=cfg)[1],
+    assert_same_param_trees(uw.import_unet(str(tmp_path / "cv.safetensors"), config=cfg)[1],
                         case["params"])
     # ... and back through the CLI, the head layout and groups given as flags.
     assert main(["unet-import", "--src", str(tmp_path / "cv.safetensors"), "--num-head-channels",
                  "16", "--norm-groups", "8", "--out", str(tmp_path / "pre2")]) == 0
     cfg_dict2, params2, _ = load_params(str(tmp_path / "pre2"), "unet")
     assert UNetConfig.from_dict(cfg_dict2) == cfg
-    _assert_same_params(params2, case["params"])
+    assert_same_param_trees(params2, case["params"])
 
     # An LDM workdir (in/out channels -1 = latent): EMA weights unless --raw.
     from ldm_jax.checkpointing import Checkpointer
@@ -461,6 +444,6 @@ def test_cli_import_export(tmp_path, case):
         with pytest.warns(UserWarning, match="GroupNorm"):
             assert main(["unet-export", "--src", str(work), "--format", "compvis", "--out",
                          str(dst), *flag]) == 0
-        _assert_same_params(uw.import_unet(str(dst), config=cfg)[1], want)
+        assert_same_param_trees(uw.import_unet(str(dst), config=cfg)[1], want)
     assert main(["unet-import", "--src", str(tmp_path / "nope.ckpt"),
                  "--out", str(tmp_path / "x")]) == 2

@@ -22,10 +22,11 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from conftest import save_test_autoencoder
 from ldm_jax import evaluate, metrics, pretrained
 from ldm_jax.convert.inception_weights import InceptionWeightsMissingError, save_inception_npz
 from ldm_jax.data import sources as sources_lib
-from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm_jax.models.autoencoder import AutoencoderConfig
 from ldm_jax.models.inception import FIDInceptionV3
 from ldm_jax.models.lpips import LPIPS, LPIPSWeightsMissingError
 
@@ -137,11 +138,7 @@ def test_parse_data_spec(tmp_path):
 
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("ae"))
-    ae = AutoencoderKL(AE_CFG, rngs=nnx.Rngs(0))
-    cfg = {k: getattr(AE_CFG, k) for k in AE_CFG.__dataclass_fields__}
-    pretrained.save_pretrained(d, "autoencoder", cfg, nnx.state(ae, nnx.Param), source="test")
-    return d
+    return save_test_autoencoder(str(tmp_path_factory.mktemp("ae")), AE_CFG)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import build_numpy_init
 from ldm_jax import config_lib
 from ldm_jax.flops import count_flops
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
@@ -73,36 +74,6 @@ def _randomize(module: nnx.Module, seed: int, scale: float = 0.3) -> None:
             var[...] = jnp.asarray(rng.normal(0.0, scale, v.shape), v.dtype)
 
 
-def _build(ctor, seed: int = 0):
-    """``ctor()`` built abstractly, then filled with numpy random values.
-
-    Eager random initialisation compiles one threefry kernel per parameter shape (seconds
-    each on a small CPU); these tests need the architecture, not the initialiser, so the
-    values come from numpy: kernels ~ N(0, 1/fan_in), small random biases, scales ~ 1,
-    BatchNorm running statistics (0, 1).
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(ctor))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = [n for n in (getattr(p, "key", getattr(p, "name", None)) for p in path) if n != "value"][-1]
-        if name == "kernel":
-            v = rng.normal(0.0, 1.0 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
-        elif name == "bias":
-            v = rng.normal(0.0, 0.1, s.shape)
-        elif name == "scale":
-            v = 1.0 + rng.normal(0.0, 0.1, s.shape)
-        elif name == "mean":
-            v = np.zeros(s.shape)
-        elif name == "var":
-            v = np.ones(s.shape)
-        else:
-            raise AssertionError(f"unexpected state {path}")
-        return jnp.asarray(v, s.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
-
-
 @nnx.jit
 def _reconstruct(model, x, key):
     post = model.encode(x)
@@ -128,7 +99,7 @@ def test_tiny_autoencoder_shapes(name):
     mc = AutoencoderConfig.from_dict(cfg.model)
     f = 2 ** (len(cfg.model.ch_mult) - 1)
     assert mc.downsample_factor == f
-    model = _build(lambda: AutoencoderKL(mc, rngs=nnx.Rngs(0)))
+    model = build_numpy_init(lambda: AutoencoderKL(mc, rngs=nnx.Rngs(0)))
     res, b = mc.resolution, 2
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, res, res, 3)), jnp.float32)
     mean, logvar, z, y = _reconstruct(model, x, jax.random.key(0))
@@ -180,7 +151,7 @@ def test_patchgan_param_count_and_logits_abstract():
 @pytest.mark.parametrize("hw", [(8, 8), (7, 7), (9, 6)])
 def test_downsample_asymmetric_pad(hw):
     h, w = hw
-    m = _build(lambda: Downsample(4, rngs=nnx.Rngs(1)))
+    m = build_numpy_init(lambda: Downsample(4, rngs=nnx.Rngs(1)))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, h, w, 4)), jnp.float32)
     y = np.asarray(m(x))
     # Same as PyTorch F.pad(x, (0, 1, 0, 1)) + Conv2d(k=3, s=2, p=0).
@@ -199,7 +170,7 @@ def test_downsample_asymmetric_pad(hw):
 
 @pytest.mark.parametrize("hw", [(4, 4), (3, 5)])
 def test_upsample_nearest_then_conv(hw):
-    m = _build(lambda: Upsample(4, rngs=nnx.Rngs(2)), seed=1)
+    m = build_numpy_init(lambda: Upsample(4, rngs=nnx.Rngs(2)), seed=1)
     x = np.random.default_rng(2).normal(size=(2, *hw, 4)).astype(np.float32)
     y = np.asarray(m(jnp.asarray(x)))
     up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
@@ -291,8 +262,8 @@ def test_group_norm_rejects_indivisible_channels():
 
 
 def test_resnet_block_shortcut_only_when_channels_change():
-    same = _build(lambda: ResnetBlock(32, 32, rngs=nnx.Rngs(0)))
-    diff = _build(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))
+    same = build_numpy_init(lambda: ResnetBlock(32, 32, rngs=nnx.Rngs(0)))
+    diff = build_numpy_init(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(0)))
     assert same.nin_shortcut is None
     assert diff.nin_shortcut is not None
     assert diff.nin_shortcut.kernel[...].shape == (64, 1, 1, 32)  # OHWI
@@ -309,7 +280,7 @@ def test_resnet_block_shortcut_only_when_channels_change():
 
 
 def test_resnet_block_matches_reference():
-    blk = _build(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(1)), seed=8)
+    blk = build_numpy_init(lambda: ResnetBlock(32, 64, rngs=nnx.Rngs(1)), seed=8)
     x = np.random.default_rng(8).normal(size=(2, 5, 4, 32)).astype(np.float32)
     silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     h = _conv_ref(blk.conv1, silu(_np_group_norm(x, blk.norm1.scale[...], blk.norm1.bias[...])))
@@ -320,7 +291,7 @@ def test_resnet_block_matches_reference():
 
 def test_attn_block_matches_softmax_reference():
     c = 64
-    attn = _build(lambda: AttnBlock(c, rngs=nnx.Rngs(2)), seed=9)
+    attn = build_numpy_init(lambda: AttnBlock(c, rngs=nnx.Rngs(2)), seed=9)
     x = np.random.default_rng(9).normal(size=(2, 3, 5, c)).astype(np.float32)
     y = np.asarray(attn(jnp.asarray(x)))
     b, h, w, _ = x.shape
@@ -408,8 +379,8 @@ def test_bf16_compute_fp32_params():
     # Real initialisation, abstractly: master weights are float32.
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(nnx.eval_shape(bf16), nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.float32)}
-    model = _build(bf16, seed=1)
-    ref = _build(lambda: AutoencoderKL(mc, rngs=nnx.Rngs(0)), seed=1)  # same values, fp32 compute
+    model = build_numpy_init(bf16, seed=1)
+    ref = build_numpy_init(lambda: AutoencoderKL(mc, rngs=nnx.Rngs(0)), seed=1)  # same values, fp32 compute
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.float32)}
     x = jnp.asarray(np.random.default_rng(11).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
@@ -436,7 +407,7 @@ def test_bf16_compute_fp32_params():
 
 
 def test_discriminator_batchnorm_uses_batch_statistics_and_momentum():
-    d = _build(lambda: NLayerDiscriminator(ndf=8, n_layers=2, rngs=nnx.Rngs(0)))
+    d = build_numpy_init(lambda: NLayerDiscriminator(ndf=8, n_layers=2, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(12)
     a, b, c = (jnp.asarray(rng.normal(size=(1, 16, 16, 3)), jnp.float32) for _ in range(3))
     # Running statistics before any update: mean 0, var 1.
@@ -491,7 +462,7 @@ def test_remat_same_output_and_gradients():
     # wrapping is the same for every ResnetBlock of every level and of both mid blocks.
     cfg.model.ch_mult = (1,)
     cfg.model.resolution = 8
-    base = _build(lambda: AutoencoderKL(AutoencoderConfig.from_dict(cfg.model), rngs=nnx.Rngs(0)))
+    base = build_numpy_init(lambda: AutoencoderKL(AutoencoderConfig.from_dict(cfg.model), rngs=nnx.Rngs(0)))
 
     def with_remat(policy):
         cfg.model.remat, cfg.model.remat_policy = True, policy

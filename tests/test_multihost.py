@@ -7,12 +7,13 @@ term (it does not touch sharding and costs compile time). Reference: the uninter
 
 Tolerances: losses per step within rel 1e-4 for steps 1-2 and 1e-3 for steps 3-4 (observed
 on CPU: <= 1e-6 everywhere), final parameters within relative L2 3e-3 (generator) and 1e-2
-(discriminator), as in tests/test_train.py (observed: 4.6e-4 and 7e-7). Different meshes
-only reorder float reductions. Steps 1-2 see the initial parameters and one update; from
-step 3 on, the discriminator starts and Adam's first updates are ~lr * sign(grad), so
-parameters whose gradient is at rounding level move by +-lr depending on summation order -
-that is why the parameter distance is larger than the loss distance, and why later steps
-get more room (tests/test_train.py, with its random-VGG LPIPS term on, allows 1e-2 there).
+(discriminator) (observed: 4.6e-4 and 7e-7). Different meshes only reorder float
+reductions. Steps 1-2 see the initial parameters and one update; from step 3 on, the
+discriminator starts and Adam's first updates are ~lr * sign(grad), so parameters whose
+gradient is at rounding level move by +-lr depending on summation order - that is why the
+parameter distance is larger than the loss distance, and why later steps get more room.
+These are the only mesh-equivalence tests of the VAE-GAN step; the LPIPS term they leave
+out is a replicated network applied to the data-sharded batch like the autoencoder.
 A sharding error (a per-device BatchNorm, a
 wrong batch split, a missing gradient reduction, a batch read twice after a restore)
 changes these numbers by 10-100%.
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, rel_l2, restore_vae_gan_state, save_test_autoencoder
 from ldm_jax import config_lib, data, sharding
 from ldm_jax.checkpointing import Checkpointer
 from ldm_jax.trainers import vae_gan
@@ -57,25 +58,6 @@ def config(mesh: dict, **kw):
     c = config_lib.load_config(os.path.join(REPO_ROOT, "configs/vae_f8.py:tiny"))
     config_lib.set_fields(c, overrides(mesh, **kw))
     return c
-
-
-def final_state(workdir: str, c) -> dict:
-    """The latest checkpoint's state, restored onto one device, as numpy."""
-    gen_lr, disc_lr = vae_gan.learning_rates(c)
-    _, abstract, _ = vae_gan.create_train_state(
-        c, sharding.make_mesh(SINGLE), vae_gan.make_optimizer(gen_lr, c), vae_gan.make_optimizer(disc_lr, c),
-        abstract=True)
-    ck = Checkpointer(workdir)
-    restored, _ = ck.restore(ck.latest_step(), abstract.as_dict(), None)
-    ck.close()
-    return jax.device_get(restored)
-
-
-def rel_l2(a, b) -> float:
-    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
-    return float(np.sqrt(num / den))
 
 
 def loss_mismatches(hist: dict, ref: dict, steps) -> list:
@@ -108,7 +90,7 @@ def test_parallel_runs_match_single_device(runs, name):
     bad = loss_mismatches(result["history"], single["history"], (1, 2, 3, 4))
     assert not bad, bad
     c = config(SINGLE)
-    got, want = final_state(workdir, c), final_state(single_dir, c)
+    (got, _), (want, _) = restore_vae_gan_state(workdir, c), restore_vae_gan_state(single_dir, c)
     d_gen, d_disc = rel_l2(got["gen_params"], want["gen_params"]), rel_l2(got["disc_params"], want["disc_params"])
     print(f"{name}: relative L2 parameter difference to one device: gen {d_gen:.2e}, disc {d_disc:.2e}")
     assert d_gen < 3e-3 and d_disc < 1e-2
@@ -302,15 +284,10 @@ def ldm_config(mesh: dict, ae_dir: str, **kw):
 @pytest.fixture(scope="module")
 def ldm_reference(tmp_path_factory):
     """A tiny autoencoder and the uninterrupted 4-step 8-device LDM run on its latents."""
-    from flax import nnx
-
-    from ldm_jax import pretrained
-    from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm_jax.models.autoencoder import AutoencoderConfig
     from ldm_jax.trainers import ldm
 
-    ae_dir = str(tmp_path_factory.mktemp("ae"))
-    ae = AutoencoderKL(AutoencoderConfig(**LDM_AE), rngs=nnx.Rngs(0))
-    pretrained.save_pretrained(ae_dir, "autoencoder", LDM_AE, nnx.state(ae, nnx.Param), source="test")
+    ae_dir = save_test_autoencoder(str(tmp_path_factory.mktemp("ae")), AutoencoderConfig(**LDM_AE))
     ref_dir = str(tmp_path_factory.mktemp("ldm_ref"))
     return ae_dir, ref_dir, ldm.train_and_evaluate(ldm_config(DP, ae_dir), ref_dir)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import build_numpy_init
 from ldm_jax.flops import count_flops
 from ldm_jax.models.layers import remat_policy
 from ldm_jax.models.unet import (AttentionBlock, Downsample, ResBlock, UNet, UNetConfig,
@@ -32,25 +33,7 @@ def _cfg(**kw) -> UNetConfig:
 
 
 def _build(cfg: UNetConfig, dtype=jnp.float32, seed: int = 0) -> UNet:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-        name = [n for n in names if n != "value"][-1]
-        if name == "kernel":
-            v = rng.normal(0.0, 1.0 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
-        elif name == "bias":
-            v = rng.normal(0.0, 0.1, s.shape)
-        elif name == "scale":
-            v = 1.0 + rng.normal(0.0, 0.1, s.shape)
-        elif name == "embedding":
-            v = rng.normal(0.0, 1.0, s.shape)
-        else:
-            raise AssertionError(f"unexpected state {path}")
-        return jnp.asarray(v, s.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+    return build_numpy_init(lambda: UNet(cfg, dtype=dtype, rngs=nnx.Rngs(0)), seed)
 
 
 @functools.partial(jax.jit, static_argnums=0)
