@@ -305,20 +305,16 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
 
     gen_lr, disc_lr = vae_gan.learning_rates(config)
     gen_tx, disc_tx = vae_gan.make_optimizer(gen_lr, config), vae_gan.make_optimizer(disc_lr, config)
-
-    def make_state():
-        made["gd"], st, made["sh"] = vae_gan.create_train_state(config, mesh, gen_tx, disc_tx)
-        return st
-
-    if flops_only:  # shapes only: nothing is initialised
+    # flops_only: shapes and shardings only, nothing is initialised
+    (ae_gd, d_gd), state, state_sh = vae_gan.create_train_state(config, mesh, gen_tx, disc_tx,
+                                                                abstract=flops_only)
+    if flops_only:
         lp_gd, lp_state = nnx.split(nnx.eval_shape(make_lpips))
         lp_state = _abstract(lp_state, rep)
-        state = jax.eval_shape(make_state)
     else:
         lp_gd, lp_state = nnx.split(make_lpips())
         lp_state = jax.device_put(lp_state, rep)
-        state = make_state()
-    msg, (ae_gd, d_gd), state_sh = made["msg"], made["gd"], made["sh"]
+    msg = made["msg"]
     models = vae_gan.Models(ae=ae_gd, disc=d_gd, lpips=lp_gd)
     metrics_sh = jax.tree.map(lambda _: rep, vae_gan.TrainMetrics.empty())
     batch_sh = sharding.batch_sharding(mesh)
@@ -402,14 +398,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     flops_only = flops_only or compile_only
     shape = ldm.latent_shape(config, ae_cfg if config.space == "latent" else None)
     tx, lr_fn = ldm.make_optimizer(config)
-    made = {}
-
-    def make_state():
-        made["gd"], st, made["sh"] = ldm.create_train_state(config, mesh, tx, shape[-1], 1.0)
-        return st
-
-    state = jax.eval_shape(make_state) if flops_only else make_state()
-    gd, state_sh = made["gd"], made["sh"]
+    gd, state, state_sh = ldm.create_train_state(config, mesh, tx, shape[-1], 1.0, abstract=flops_only)
     models = ldm.Models(unet=gd, ae=None)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, ldm.TrainMetrics.empty())
@@ -515,22 +504,14 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
                                                                   rngs=nnx.Rngs(0))))
         ae_state = jax.eval_shape(ae) if flops_only else ae()
     tx, _ = ldm.make_optimizer(config)
-    made = {}
-
-    def make_state():
-        made["gd"], st, made["sh"] = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215)
-        return st
-
-    state = jax.eval_shape(make_state) if flops_only else make_state()
-    gd = made["gd"]
+    # (flops_only: the train state's shapes and shardings (FSDP), as in the timing run)
+    gd, state, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215, abstract=flops_only)
     models = ldm.Models(unet=gd, ae=ae_gd)
     fn = jax.jit(ldm.make_sample_fn(models, config, ldm.make_schedule(config), (batch, *shape)),
                  out_shardings=batch_sh)
     s = config.sampling
     if flops_only:  # the whole chain: the sampler's fori_loop is num_steps U-Net calls
-        sh = made["sh"]  # the train state's shardings (FSDP), as in the timing run
-        args = (common.abstract_with_shardings(state.ema_params, sh.ema_params),
-                common.abstract_with_shardings(state.rest, sh.rest), _abstract(ae_state, rep),
+        args = (state.ema_params, state.rest, _abstract(ae_state, rep),
                 jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep),
                 jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh),
                 _abstract(state.scale_factor, rep))
