@@ -1,0 +1,150 @@
+"""The step loop both trainers share (``trainers.common.run_training_loop``), driven by
+stand-ins for the jitted step, the metric writer and the checkpointer: which step logs,
+evaluates, writes images and saves, what the logged metrics average over, how a resume, a
+preemption and an error end the loop. (The trainers' own tests run it for real.)"""
+
+from __future__ import annotations
+
+import types
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clu import metrics as clu_metrics
+
+from ldm_jax import checkpointing
+from ldm_jax.trainers.common import run_training_loop
+
+Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output("loss"))
+
+
+class State(flax.struct.PyTreeNode):
+    step: jax.Array
+    nan_skips: jax.Array
+
+
+class Sink:
+    """Writer and checkpointer stand-in: records calls."""
+
+    def __init__(self):
+        self.scalars: dict[int, dict] = {}
+        self.flushed = self.closed = False
+
+    def write_scalars(self, step, scalars):
+        self.scalars[step] = dict(scalars)
+
+    def flush(self):
+        self.flushed = True
+
+    def close(self):
+        self.closed = True
+
+
+def _config(**kw):
+    c = dict(num_train_steps=7, log_every_steps=2, eval_every_steps=3, image_every_steps=4,
+             checkpoint_every_steps=5, global_batch_size=4)
+    c.update(kw)
+    return types.SimpleNamespace(**c)
+
+
+def _run(config, start_step=0, fail_at=None, sinks=None):
+    """Run the loop; batch i (counting from the first call) is the scalar i, the "loss".
+    ``sinks``: a list that receives the writer and the checkpointer stand-ins."""
+    writer, ckpt = Sink(), Sink()
+    if sinks is not None:
+        sinks += [writer, ckpt]
+    calls = {"eval": [], "images": [], "save": [], "batches": 0}
+
+    def next_batch():
+        calls["batches"] += 1
+        return jnp.float32(calls["batches"] - 1)
+
+    def train_step(state, batch, acc):
+        if fail_at is not None and int(state.step) + 1 == fail_at:
+            raise RuntimeError("step failed")
+        new = State(step=state.step + 1, nan_skips=state.nan_skips + (batch == 1))
+        return new, acc.merge(Metrics.single_from_model_output(loss=batch))
+
+    def run_eval(state, step):
+        calls["eval"].append((step, int(state.step)))
+        return {"eval/x": float(step)}
+
+    state = State(step=jnp.int32(start_step), nan_skips=jnp.int32(0))
+    result = run_training_loop(
+        config, state=state, start_step=start_step, train_step=train_step, next_batch=next_batch,
+        empty_metrics=Metrics.empty, metrics_sharding=None, writer=writer, ckpt=ckpt, is_main=True,
+        progress_keys=("loss",), run_eval=run_eval,
+        save=lambda s, step: calls["save"].append((step, int(s.step))),
+        write_images=lambda s, step: calls["images"].append(step),
+        extra_scalars=lambda: {"extra": 1.5})
+    return result, calls, writer, ckpt
+
+
+def test_schedule_and_metric_windows():
+    result, calls, writer, ckpt = _run(_config())
+    assert result["start_step"] == 0 and result["final_step"] == 7
+    hist = result["history"]
+    # every 2 steps and the last; each entry averages the batches since the previous one
+    assert sorted(hist) == [2, 4, 6, 7]
+    assert [hist[s]["loss"] for s in (2, 4, 6, 7)] == pytest.approx([0.5, 2.5, 4.5, 6.0])
+    assert hist[2]["nan_skips_total"] == 1.0 and hist[7]["nan_skips_total"] == 1.0  # from the state
+    assert all(h["extra"] == 1.5 and np.isfinite(h["images_per_sec"]) for h in hist.values())
+    assert writer.scalars[4] == {f"train/{k}": v for k, v in hist[4].items()}
+    # callbacks get the state after the step they are called for
+    assert calls["eval"] == [(3, 3), (6, 6), (7, 7)]
+    assert calls["images"] == [4, 7]
+    assert calls["save"] == [(5, 5), (7, 7)]
+    assert result["eval"] == {"eval/x": 7.0}
+    assert calls["batches"] == 7
+    assert writer.flushed and writer.closed and ckpt.closed
+
+
+def test_resume_starts_after_the_restored_step():
+    result, calls, _, _ = _run(_config(), start_step=5)
+    assert result["start_step"] == 5 and result["final_step"] == 7 and calls["batches"] == 2
+    assert sorted(result["history"]) == [6, 7]
+    assert result["history"][6]["loss"] == pytest.approx(0.0)  # the first batch after the resume
+    assert calls["save"] == [(7, 7)] and calls["eval"] == [(6, 6), (7, 7)]
+
+
+def test_nothing_to_do_when_already_finished():
+    result, calls, writer, ckpt = _run(_config(), start_step=7)
+    assert result["final_step"] == 7 and result["history"] == {} and calls["batches"] == 0
+    assert calls["save"] == [] and writer.closed and ckpt.closed
+
+
+def test_preemption_saves_and_stops(monkeypatch):
+    restored = []
+
+    class Flag:
+        def should_stop(self, step, every):
+            return step == 3
+
+        def restore_handler(self):
+            restored.append(True)
+
+    monkeypatch.setattr(checkpointing, "PreemptionFlag", Flag)
+    result, calls, writer, ckpt = _run(_config())
+    assert result["final_step"] == 3 and calls["batches"] == 3
+    assert calls["save"] == [(3, 3)]  # off the checkpoint schedule, because of the signal
+    assert sorted(result["history"]) == [2]
+    assert restored == [True] and writer.closed and ckpt.closed
+
+
+def test_error_closes_writer_and_checkpointer(monkeypatch):
+    restored = []
+
+    class Flag(checkpointing.PreemptionFlag):
+        def restore_handler(self):
+            restored.append(True)
+            super().restore_handler()
+
+    monkeypatch.setattr(checkpointing, "PreemptionFlag", Flag)
+    sinks = []
+    with pytest.raises(RuntimeError, match="step failed"):
+        _run(_config(), fail_at=4, sinks=sinks)
+    writer, ckpt = sinks
+    assert sorted(writer.scalars) == [2]  # what was logged before the error stays written
+    assert writer.closed and ckpt.closed and not writer.flushed and restored == [True]
