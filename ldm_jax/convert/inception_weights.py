@@ -37,6 +37,7 @@ from flax import nnx
 from ldm_jax.convert.lpips_weights import check_keys
 from ldm_jax.convert.torch_pickle import load_torch_state_dict, unwrap_state_dict
 from ldm_jax.models.inception import FIDInceptionV3, inception_weights
+from ldm_jax.models.lpips import set_frozen_weights
 from ldm_jax.weights_cache import (
     default_cache_dir,
     download_if_online,
@@ -140,12 +141,7 @@ def convert_inception_file(pth: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def set_inception_params(model: FIDInceptionV3, arrays: Mapping[str, np.ndarray]) -> None:
     """Copy converted arrays into ``model`` (strict: one error listing every mismatch)."""
-    targets = inception_weights(model)
-    check_keys("FID Inception weights do not fit the model", arrays,
-               {k: tuple(v.shape) for k, v in targets.items()})
-    for k, a in arrays.items():
-        var = targets[k]
-        var.set_value(jnp.asarray(np.asarray(a), dtype=var.get_value().dtype))
+    set_frozen_weights(model, arrays, "FID Inception")
 
 
 def load_inception_params(model: FIDInceptionV3, path: str | os.PathLike) -> None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax.models.lpips import FrozenWeight
+from ldm_jax.models.lpips import FrozenWeight, frozen_weights
 
 __all__ = ["FIDInceptionV3", "INCEPTION_SIZE", "FEATURE_DIM", "NUM_LOGITS", "bilinear_resize",
            "bilinear_resize_np", "inception_weights"]
@@ -379,8 +379,4 @@ class FIDInceptionV3(nnx.Module):
 
 def inception_weights(model: FIDInceptionV3) -> dict[str, FrozenWeight]:
     """``{'Conv2d_1a_3x3/conv/kernel': variable, ..., 'fc/bias': variable}``."""
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, FrozenWeight):
-            out["/".join(str(p) for p in path)] = node
-    return out
+    return frozen_weights(model)

@@ -228,13 +228,27 @@ class LPIPS(nnx.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-def _frozen_weights(model: LPIPS) -> dict[str, FrozenWeight]:
-    """``{'vgg/conv1_1/kernel': variable, ..., 'lin0/weight': variable}``."""
+def frozen_weights(model: nnx.Module) -> dict[str, FrozenWeight]:
+    """Every ``FrozenWeight`` of ``model`` by its '/'-joined path (LPIPS:
+    ``{'vgg/conv1_1/kernel': variable, ..., 'lin0/weight': variable}``)."""
     out = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, FrozenWeight):
             out["/".join(str(p) for p in path)] = node
     return out
+
+
+def set_frozen_weights(model: nnx.Module, arrays: Mapping[str, np.ndarray], what: str, *,
+                       partial: bool = False) -> None:
+    """Copy ``arrays`` into ``model``'s frozen weights, each cast to its variable's dtype.
+    Unknown keys, and (unless ``partial``) missing keys or any shape mismatch, raise one
+    ValueError listing them all, headed "``what`` weights do not fit the model"."""
+    targets = frozen_weights(model)
+    check_keys(f"{what} weights do not fit the model", arrays,
+               {k: tuple(v.shape) for k, v in targets.items()}, partial=partial)
+    for k, a in arrays.items():
+        var = targets[k]
+        var.set_value(jnp.asarray(np.asarray(a), dtype=var.get_value().dtype))
 
 
 def set_lpips_params(
@@ -246,12 +260,7 @@ def set_lpips_params(
     shape mismatch raise one ValueError listing them all. Values are cast to each
     variable's existing dtype.
     """
-    targets = _frozen_weights(model)
-    check_keys("LPIPS weights do not fit the model", arrays,
-               {k: tuple(v.shape) for k, v in targets.items()}, partial=partial)
-    for k, a in arrays.items():
-        var = targets[k]
-        var.set_value(jnp.asarray(np.asarray(a), dtype=var.get_value().dtype))
+    set_frozen_weights(model, arrays, "LPIPS", partial=partial)
 
 
 def load_lpips_params(model: LPIPS, path: str | os.PathLike) -> None:
