@@ -13,10 +13,9 @@ discriminator starts and Adam's first updates are ~lr * sign(grad), so parameter
 gradient is at rounding level move by +-lr depending on summation order - that is why the
 parameter distance is larger than the loss distance, and why later steps get more room.
 These are the only mesh-equivalence tests of the VAE-GAN step; the LPIPS term they leave
-out is a replicated network applied to the data-sharded batch like the autoencoder.
-A sharding error (a per-device BatchNorm, a
-wrong batch split, a missing gradient reduction, a batch read twice after a restore)
-changes these numbers by 10-100%.
+out is a replicated network applied to the data-sharded batch like the autoencoder. A
+sharding error (a per-device BatchNorm, a wrong batch split, a missing gradient reduction,
+a batch read twice after a restore) changes these numbers by 10-100%.
 """
 
 from __future__ import annotations

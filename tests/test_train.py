@@ -249,7 +249,8 @@ def test_init_from_pretrained_autoencoder(tmp_path):
     from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
     config = tiny_config(num_train_steps=1, **{"optim.base_lr": 1e-12})
-    ae = build_numpy_init(lambda: AutoencoderKL(AutoencoderConfig.from_dict(config.model), rngs=nnx.Rngs(0)), 123)
+    ae = build_numpy_init(
+        lambda: AutoencoderKL(AutoencoderConfig.from_dict(config.model), rngs=nnx.Rngs(0)), seed=123)
     src = str(tmp_path / "pre")
     pretrained.save_pretrained(src, "autoencoder", config.model.to_dict(), nnx.state(ae, nnx.Param))
     config.init_from = src

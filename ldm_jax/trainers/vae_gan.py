@@ -260,7 +260,8 @@ def make_eval_step(models: Models) -> Callable:
 # ----------------------------------------------------------------------------------------
 
 
-def create_train_state(config, mesh, gen_tx, disc_tx, *, abstract: bool = False) -> tuple[tuple, TrainState, Any]:
+def create_train_state(config, mesh, gen_tx, disc_tx, *,
+                       abstract: bool = False) -> tuple[tuple, TrainState, Any]:
     """Build models and optimizer states directly sharded on ``mesh`` (never whole on one
     device); ``abstract``: only their shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s,
     the target of a checkpoint restore), nothing compiled or computed."""
