@@ -499,7 +499,8 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     ae_gd = ae_state = None
     if latent:
         ae = jax.jit(lambda: nnx.split(AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
-                                                      rngs=nnx.Rngs(0)))[1], out_shardings=rep)
+                                                      rngs=nnx.Rngs(0)))[1], out_shardings=rep,
+                     compiler_options=common.one_shot_compiler_options())
         ae_gd = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
                                                                   rngs=nnx.Rngs(0))))
         ae_state = jax.eval_shape(ae) if flops_only else ae()

@@ -61,15 +61,18 @@ def save_test_autoencoder(directory: str, cfg) -> str:
     """``AutoencoderKL(cfg)`` with its own random initialisation (seed 0), saved as a
     pretrained directory (what the LDM trainer and the evaluation load); returns
     ``directory``. (Not ``build_numpy_init``: the LDM tests' thresholds assume the
-    initialiser's latent statistics, zero biases and unit norm scales.)"""
+    initialiser's latent statistics, zero biases and unit norm scales.) The initialiser runs
+    as one program compiled like the trainers' init (3 s instead of ~15 s eagerly)."""
     from flax import nnx
 
     from ldm_jax import pretrained
     from ldm_jax.models.autoencoder import AutoencoderKL
+    from ldm_jax.trainers.common import one_shot_compiler_options
 
-    ae = AutoencoderKL(cfg, rngs=nnx.Rngs(0))
+    params = jax.jit(lambda: nnx.state(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), nnx.Param),
+                     compiler_options=one_shot_compiler_options())()
     fields = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    pretrained.save_pretrained(directory, "autoencoder", fields, nnx.state(ae, nnx.Param), source="test")
+    pretrained.save_pretrained(directory, "autoencoder", fields, params, source="test")
     return directory
 
 

@@ -34,7 +34,7 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (abstract_with_shardings, dtype, finite_and_norm, log_once,
+from ldm_jax.trainers.common import (dtype, finite_and_norm, init_sharded, log_once,
                                      lr_schedule, microbatch_mean, param_count,
                                      prepare_workdir, run_training_loop, tree_where)
 
@@ -324,12 +324,8 @@ def create_train_state(config, mesh, tx, channels: int, scale_factor: float, *, 
             rng=jax.random.PRNGKey(config.seed + 1), scale_factor=scale, nan_skips=jnp.int32(0))
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_unet(config, channels, config.seed)))
-    scale = jnp.float32(scale_factor)
-    shapes = jax.eval_shape(init, scale)
-    shardings = sharding.state_shardings(shapes, mesh)
-    if abstract:
-        return graphdef, abstract_with_shardings(shapes, shardings), shardings
-    return graphdef, jax.jit(init, out_shardings=shardings)(scale), shardings
+    state, shardings = init_sharded(init, jnp.float32(scale_factor), mesh=mesh, abstract=abstract)
+    return graphdef, state, shardings
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, Diagona
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
-from ldm_jax.trainers.common import (abstract_with_shardings, dtype as _dtype, finite_and_norm, fresh as _fresh,
+from ldm_jax.trainers.common import (dtype as _dtype, finite_and_norm, fresh as _fresh, init_sharded,
                                      lr_schedule, microbatch_mean,
                                      log_once as _log_once, prepare_workdir, run_training_loop,
                                      tree_where as _tree_where)
@@ -281,11 +281,8 @@ def create_train_state(config, mesh, gen_tx, disc_tx, *,
 
     abstract_ae, abstract_disc = nnx.eval_shape(lambda: models(config.seed))
     graphdefs = (nnx.graphdef(abstract_ae), nnx.graphdef(abstract_disc))
-    shapes = jax.eval_shape(init)
-    shardings = sharding.state_shardings(shapes, mesh)
-    if abstract:
-        return graphdefs, abstract_with_shardings(shapes, shardings), shardings
-    return graphdefs, jax.jit(init, out_shardings=shardings)(), shardings
+    state, shardings = init_sharded(init, mesh=mesh, abstract=abstract)
+    return graphdefs, state, shardings
 
 
 # ----------------------------------------------------------------------------------------
