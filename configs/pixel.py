@@ -1,8 +1,8 @@
 """Pixel-space diffusion baseline: the LDM U-Net on 3-channel images (no autoencoder).
 
-Same U-Net, schedule and optimiser as ``configs/ldm_f8.py``; the comparison of the two
-(throughput, memory, sample quality for the same budget) is
-``python -m ldm_jax.bench compare`` (see docs/benchmarks.md). At 256x256 the attention
+Same U-Net and optimiser as ``configs/ldm_f8.py`` (DDPM's linear schedule); the comparison
+of the two (throughput, memory, sample quality for the same budget) is
+``python -m ldm_jax.compare`` (README, *Evaluate*). At 256x256 the attention
 factors (2, 4, 8) mean 128x128-token attention: that cost is the point of the comparison.
 Variants: ``:tiny`` (tests), ``:demo`` (embedded photos at 32x32 on CPU).
 """

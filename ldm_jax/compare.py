@@ -2,13 +2,15 @@
 
   python -m ldm_jax.compare --autoencoder_path=workdirs/vae_f8 --steps=20000 \
       [--latent_config=configs/ldm_f8.py] [--pixel_config=configs/pixel.py] \
-      [--set global_batch_size=64 ...] [--num_samples=1000] [--workdir=workdirs/compare] \
+      [--set global_batch_size=64 ...] [--num_samples=1000 --sample_batch=64] \
+      [--workdir=workdirs/compare] \
       [--out=docs/latent_vs_pixel.md]
 
 Trains the same U-Net (same width, depth, attention factors, optimiser, batch and step
 budget) once on the autoencoder's latents and once on pixels, each in its own workdir
-(re-running resumes), then samples ``--num_samples`` images from each with the config's
-sampler and scores them against the held-out images (``ldm_jax.evaluate_generation``: FID,
+(re-running resumes; a finished run reports the training figures it recorded), then
+samples ``--num_samples`` images from each with the config's sampler and scores them
+against the held-out images (``ldm_jax.evaluate_generation``: FID,
 Inception Score, precision / recall; the reference statistics computed once for both).
 Writes a markdown table: training images/s and step time (from the trainers' progress
 log), peak device memory, sampling images/s, and the sample-quality metrics. Without the
@@ -33,8 +35,14 @@ def _peak_memory() -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
+TRAIN_RECORD = "compare_train.json"  # per run workdir: the training figures of the report
+
+
 def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: dict,
             autoencoder_path: str) -> dict:
+    """Train (or resume, or find finished) one run; its row's training figures. A re-run
+    that trains no further reports the figures recorded by the invocation that trained
+    (``TRAIN_RECORD``); one that resumes a partial run reports those of the steps it ran."""
     from ldm_jax import config_lib
     from ldm_jax.trainers import ldm
 
@@ -47,24 +55,38 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
     result = ldm.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - t0
     hist = result["history"]
-    ips = [m["images_per_sec"] for s, m in sorted(hist.items()) if m.get("images_per_sec", 0) > 0]
-    ips = ips[1:] or ips  # the first interval includes compilation
+    record = os.path.join(workdir, TRAIN_RECORD)
+    if hist:  # this invocation trained: its figures, kept for re-runs that only re-score
+        ips = [m["images_per_sec"] for s, m in sorted(hist.items()) if m.get("images_per_sec", 0) > 0]
+        ips = ips[1:] or ips  # the first interval includes compilation
+        train = dict(train_images_per_s=statistics.median(ips) if ips else None, train_wall_s=wall,
+                     peak_memory_bytes=_peak_memory(), final_loss=hist[max(hist)]["loss"],
+                     trained_steps=[int(result["start_step"]) + 1, int(max(hist))])
+        if __import__("jax").process_index() == 0:
+            tmp = record + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(train, f, indent=2)
+            os.replace(tmp, record)
+    elif os.path.isfile(record):  # finished earlier: the figures of the run that trained
+        with open(record) as f:
+            train = json.load(f)
+    else:
+        train = dict(train_images_per_s=None, train_wall_s=wall, peak_memory_bytes=_peak_memory(),
+                     final_loss=None, trained_steps=None)
     tr = ldm.load_trained(workdir)
     n_params = sum(x.size for x in __import__("jax").tree.leaves(tr.params))
     return dict(name=name, config=config_spec, space=config.space, workdir=workdir,
                 input_shape=list(tr.latent_shape), params=int(n_params), steps=int(tr.step),
-                batch=int(config.global_batch_size), train_images_per_s=statistics.median(ips) if ips else None,
-                train_wall_s=wall, peak_memory_bytes=_peak_memory(),
-                final_loss=hist[max(hist)]["loss"] if hist else None)
+                batch=int(config.global_batch_size), **train)
 
 
 def sample_and_score(row: dict, num: int, num_reference: int, inception_weights: str | None,
-                     seed: int, cache_dir: str) -> None:
+                     seed: int, cache_dir: str, batch_size: int = 64) -> None:
     """Samples of the run scored against its held-out data (``ldm_jax.evaluate_generation``:
     FID, Inception Score, precision / recall); both runs share the reference statistics."""
     from ldm_jax.evaluate_generation import evaluate_generation
 
-    m = evaluate_generation(row["workdir"], "eval", num_samples=num, seed=seed,
+    m = evaluate_generation(row["workdir"], "eval", num_samples=num, batch_size=batch_size, seed=seed,
                             num_reference=num_reference, inception_weights=inception_weights,
                             is_splits=min(10, max(1, num // 500)), pr_num=min(10_000, num), fid_method="eigh",
                             out_dir=os.path.join(row["workdir"], "eval", "compare"),
@@ -95,17 +117,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {r['name']} | {r['space']} | {'x'.join(map(str, r['input_shape']))} | "
-            f"{r['params'] / 1e6:.1f}M | {fmt(r['train_images_per_s'], '.1f')} | {r['train_wall_s']:.0f} s | "
-            f"{fmt(mem, '.2f')}{' GiB' if mem is not None else ''} | {fmt(r['sample_images_per_s'], '.1f')} | "
+            f"{r['params'] / 1e6:.1f}M | {fmt(r['train_images_per_s'], '.3g')} | {r['train_wall_s']:.0f} s | "
+            f"{fmt(mem, '.2f')}{' GiB' if mem is not None else ''} | {fmt(r['sample_images_per_s'], '.3g')} | "
             f"{r['fid']:.2f} | {fmt(r['inception_score'], '.2f')} | {fmt(r['precision'], '.3f')} | "
             f"{fmt(r['recall'], '.3f')} |")
-    if len(rows) == 2 and rows[0]["train_images_per_s"] and rows[1]["train_images_per_s"]:
-        lines += ["", f"Training throughput ratio latent/pixel: "
-                      f"{rows[0]['train_images_per_s'] / rows[1]['train_images_per_s']:.2f}x."]
+    ratios = [f"{what} throughput ratio {rows[0]['name']}/{rows[1]['name']}: "
+              f"{rows[0][key] / rows[1][key]:.2f}x."
+              for what, key in (("Training", "train_images_per_s"), ("Sampling", "sample_images_per_s"))
+              if len(rows) == 2 and rows[0].get(key) and rows[1].get(key)]
+    if ratios:
+        lines += ["", " ".join(ratios)]
     lines += ["", "Peak memory is the device's peak over the whole process (training, then sampling), "
                   "read after each run; on CPU it is not available. Sampling img/s covers sampling, "
                   "decoding and Inception features, after the first (compiling) batch "
-                  f"({rows[0]['sampler']['name']}-{rows[0]['sampler']['steps']}). IS: Inception Score; "
+                  f"({rows[0]['sampler']['name']}-{rows[0]['sampler']['steps']}, batch "
+                  f"{rows[0]['sampler']['batch']}; n/a with a single batch). IS: Inception Score; "
                   "precision / recall: k-NN manifolds (k = 3) of Inception features "
                   "(`python -m ldm_jax.evaluate` on an LDM workdir)."]
     return "\n".join(lines) + "\n"
@@ -121,6 +147,8 @@ def main(argv=None) -> dict:
                    help="override for BOTH configs, e.g. --set global_batch_size=64")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--num_reference", type=int, default=1000, help="held-out images for FID")
+    p.add_argument("--sample_batch", type=int, default=64,
+                   help="sampling batch (global); sampling img/s needs >= 2 batches of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="workdirs/compare")
     p.add_argument("--out", default="latent_vs_pixel.md")
@@ -149,7 +177,7 @@ def main(argv=None) -> dict:
             run_one("pixel", a.pixel_config, os.path.join(a.workdir, "pixel"), a.steps, overrides, "")]
     for r in rows:
         sample_and_score(r, a.num_samples, a.num_reference, inception_weights, a.seed,
-                         os.path.join(a.workdir, "reference_stats"))
+                         os.path.join(a.workdir, "reference_stats"), a.sample_batch)
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind, jax=jax.__version__,
                 steps=a.steps, batch=rows[0]["batch"], num_samples=a.num_samples,
                 num_reference=rows[0]["num_reference"], random_inception=a.random_inception)

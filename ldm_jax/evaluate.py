@@ -823,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="embedded | folder:/path[:eval|:all] | tfds:name[:split]; LDM also 'train' / "
                         "'eval' (its training / held-out data). Default: embedded (autoencoder), "
                         "train (LDM)")
-    p.add_argument("--batch", type=int, default=64, help="global batch (multiple of the devices)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="global batch (rounded up to a multiple of the devices; for generation, "
+                        "at most --num_samples)")
     p.add_argument("--out", default="", help="output directory (default WORKDIR/eval/<data>)")
     p.add_argument("--inception_weights", default="",
                    help="FID Inception .npz or pt_inception-2015-12-05-6726825d.pth (default: cache)")

@@ -196,10 +196,11 @@ def evaluate_generation(
     log.info("%s", inc_status)
     if mesh is None:
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    bs = BatchSampler(tr, batch=batch_size, steps=steps, sampler=sampler, eta=eta,
+    want = min(batch_size, num_samples)  # fewer samples than a batch: no padding samples
+    bs = BatchSampler(tr, batch=want, steps=steps, sampler=sampler, eta=eta,
                       cfg_scale=cfg_scale, mesh=mesh)
-    if bs.batch != batch_size:
-        warnings_out.append(f"batch size {batch_size} rounded up to {bs.batch} (a multiple of "
+    if bs.batch != want:
+        warnings_out.append(f"batch size {want} rounded up to {bs.batch} (a multiple of "
                             f"the {mesh.size} devices)")
     labels = labels_for(classes, num_samples, int(tr.config.model.num_classes))
     rep = sharding.replicated(mesh)

@@ -283,13 +283,15 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
     out = str(tmp_path / "cmp.md")
     res = compare.main([f"--autoencoder_path={ae_dir}", "--latent_config", os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"),
                         "--pixel_config", os.path.join(REPO_ROOT, "configs/pixel.py:tiny"), "--steps=2",
-                        "--num_samples=8", "--num_reference=8", f"--workdir={tmp_path / 'wd'}",
-                        f"--out={out}", "--random_inception", "--set", "image_every_steps=100"])
+                        "--num_samples=16", "--sample_batch=8", "--num_reference=8",
+                        f"--workdir={tmp_path / 'wd'}", f"--out={out}", "--random_inception",
+                        "--set", "image_every_steps=100"])
     rows = {r["name"]: r for r in res["rows"]}
     assert rows["latent"]["input_shape"] == [8, 8, 4] and rows["pixel"]["input_shape"] == [32, 32, 3]
     assert rows["latent"]["params"] < rows["pixel"]["params"] * 1.01  # same U-Net, in/out convs differ
     for r in rows.values():
-        assert r["steps"] == 2 and np.isfinite(r["final_loss"]) and r["num_samples"] == 8
+        assert r["steps"] == 2 and np.isfinite(r["final_loss"]) and r["num_samples"] == 16
+        assert r["sampler"]["batch"] == 8 and r["sample_images_per_s"] > 0  # timed: 2nd batch
         assert np.isfinite(r["fid"]) and r["fid"] >= 0
         assert r["inception_score"] >= 1.0 - 1e-9 and r["num_reference"] == 2  # the held-out photos
         assert r["precision"] is None  # 2 reference images: too few for k = 3 manifolds
@@ -298,7 +300,15 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
     assert "| sampling img/s | FID | IS | precision | recall |" in text
     assert "| latent | latent | 8x8x4 |" in text and "| pixel | pixel | 32x32x3 |" in text
     assert "RANDOMLY initialised Inception" in text
+    assert "Training throughput ratio latent/pixel: " in text and "Sampling throughput ratio latent/pixel: " in text
     assert os.path.isfile(str(tmp_path / "cmp.json"))
+    # Re-run on the finished workdir: nothing to train; the row keeps the training figures
+    # recorded by the invocation that trained.
+    assert rows["latent"]["trained_steps"] == [1, 2] and rows["latent"]["train_images_per_s"] > 0
+    again = compare.run_one("latent", os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"),
+                            str(tmp_path / "wd" / "latent"), 2, {"image_every_steps": "100"}, ae_dir)
+    for k in ("train_images_per_s", "train_wall_s", "final_loss", "trained_steps", "steps"):
+        assert again[k] == rows["latent"][k], k
 
 
 def test_generation_evaluation_matches_direct_computation(trained, tmp_path_factory, capsys):
