@@ -43,8 +43,11 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
     """Train (or resume, or find finished) one run; its row's training figures. A re-run
     that trains no further reports the figures recorded by the invocation that trained
     (``TRAIN_RECORD``); one that resumes a partial run reports those of the steps it ran."""
+    import jax
+
     from ldm_jax import config_lib
     from ldm_jax.trainers import ldm
+    from ldm_jax.weights_cache import save_json_atomic
 
     config = config_lib.load_config(config_spec)
     config.num_train_steps = steps
@@ -62,11 +65,8 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
         train = dict(train_images_per_s=statistics.median(ips) if ips else None, train_wall_s=wall,
                      peak_memory_bytes=_peak_memory(), final_loss=hist[max(hist)]["loss"],
                      trained_steps=[int(result["start_step"]) + 1, int(max(hist))])
-        if __import__("jax").process_index() == 0:
-            tmp = record + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(train, f, indent=2)
-            os.replace(tmp, record)
+        if jax.process_index() == 0:
+            save_json_atomic(train, record)
     elif os.path.isfile(record):  # finished earlier: the figures of the run that trained
         with open(record) as f:
             train = json.load(f)
@@ -74,7 +74,7 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
         train = dict(train_images_per_s=None, train_wall_s=wall, peak_memory_bytes=_peak_memory(),
                      final_loss=None, trained_steps=None)
     tr = ldm.load_trained(workdir)
-    n_params = sum(x.size for x in __import__("jax").tree.leaves(tr.params))
+    n_params = sum(x.size for x in jax.tree.leaves(tr.params))
     return dict(name=name, config=config_spec, space=config.space, workdir=workdir,
                 input_shape=list(tr.latent_shape), params=int(n_params), steps=int(tr.step),
                 batch=int(config.global_batch_size), **train)

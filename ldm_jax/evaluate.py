@@ -85,6 +85,7 @@ from ldm_jax.fid import (FeatureStats, fid_of_samples, frechet_distance, incepti
                          small_sample_warning)
 from ldm_jax.models import inception as inception_lib
 from ldm_jax.models import lpips as lpips_lib
+from ldm_jax.weights_cache import save_json_atomic
 
 try:  # tiled decoding (overlapping latent tiles, blended); whole-image decoding without it
     from ldm_jax.tiling import decode_tiled
@@ -756,10 +757,7 @@ def evaluate_autoencoder(
                 "best": [source.describe(t[1]) for t in best],
                 "worst": [source.describe(t[1]) for t in worst]}
         result["out_dir"] = os.path.abspath(out_dir)
-        tmp = os.path.join(out_dir, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(_jsonable(result), f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+        save_json_atomic(_jsonable(result), os.path.join(out_dir, "metrics.json"))
     return _jsonable(result)
 
 

@@ -55,7 +55,7 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
 from ldm_jax.fid import FeatureStats, frechet_distance, load_stats, small_sample_warning
-from ldm_jax.weights_cache import save_npz_atomic
+from ldm_jax.weights_cache import save_json_atomic, save_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +356,7 @@ def evaluate_generation(
         imgs = np.concatenate(grid)[:min(num_grid, num_samples)] if grid else ()
         if len(imgs):
             mw.save_png(os.path.join(out_dir, "samples.png"), mw.square_grid(imgs))
-        tmp = os.path.join(out_dir, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(ev._jsonable(result), f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+        save_json_atomic(ev._jsonable(result), os.path.join(out_dir, "metrics.json"))
     return result
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 from ldm_jax import checkpointing
 from ldm_jax.models import layers
+from ldm_jax.weights_cache import save_json_atomic
 
 FORMAT = "ldm_jax.pretrained/2"  # /2: conv kernels OHWI (layers.CONV_LAYOUT); /1 had HWIO
 _HWIO_FORMATS = ("ldm_jax.pretrained/1",)
@@ -59,10 +60,7 @@ def save_pretrained(directory: str, kind: str, config: dict, params: Any, *,
     ckptr.wait_until_finished()
     meta = {"format": FORMAT, "kind": kind, "config": _jsonable(config), "source": source}
     meta.update(extra or {})
-    tmp = os.path.join(directory, "pretrained.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(directory, "pretrained.json"))  # written last: marks completeness
+    save_json_atomic(meta, os.path.join(directory, "pretrained.json"))  # written last: marks completeness
     return directory
 
 

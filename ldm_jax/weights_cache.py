@@ -19,12 +19,14 @@ a ``notes`` list the caller puts into its "weights not found" error.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,7 @@ __all__ = [
     "download",
     "try_download",
     "download_if_online",
+    "save_json_atomic",
     "save_npz_atomic",
     "store_converted",
     "place_hint",
@@ -130,14 +133,23 @@ def download_if_online(
     return try_download(url, dest, notes, sha256_prefix)
 
 
+def save_json_atomic(obj: Any, out_path: str) -> None:
+    """Write ``obj`` as indented JSON to ``out_path`` via a temporary file and ``os.replace``:
+    readers see the old file or the whole new one, never a partial write."""
+    _write_atomic(out_path, "w", lambda f: json.dump(obj, f, indent=2))
+
+
 def save_npz_atomic(arrays: Mapping[str, np.ndarray], out_path: str) -> None:
     """Write ``arrays`` to ``out_path`` via a temporary file and ``os.replace``."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(out_path, "wb", lambda f: np.savez(f, **arrays))
+
+
+def _write_atomic(out_path: str, mode: str, write: Callable[[Any], None]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with open(tmp, mode) as f:
+            write(f)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):

@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import data, sharding
 from ldm_jax.trainers.common import log_once
+from ldm_jax.weights_cache import save_json_atomic
 
 log = logging.getLogger("ldm_jax")
 
@@ -168,9 +169,7 @@ def open_or_build(config: ml_collections.ConfigDict, workdir: str, encode: Calla
             os.remove(f)
         meta = {"version": VERSION, "fingerprint": want, "num_records": m * views, "parts": parts,
                 "shape": list(mom.shape[1:]), "dtype": "float16"}
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(meta_path + ".tmp", meta_path)
+        save_json_atomic(meta, meta_path)
     _barrier("latent_cache_meta_written")
     cache = LatentCache(directory)
     nbytes = int(np.prod(cache.meta["shape"])) * 2 * len(cache)
