@@ -46,9 +46,26 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 def _register_array_handler() -> None:
     """Orbax's jax.Array handler with ``MIN_REPLICA_SLICE_BYTES`` (once per process; only
     the replica-parallel size floor differs from orbax's default handler)."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    absl_log = logging.getLogger("absl")
+    quiet = _DropMessage("Type handler registry type")  # the override is deliberate
+    absl_log.addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    finally:
+        absl_log.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose format string starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 class Checkpointer:

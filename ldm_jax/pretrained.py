@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from ldm_jax import checkpointing
@@ -92,8 +93,11 @@ def _restore_tree(path: str) -> Any:
     on this process's first device)."""
     path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
+    # The handler's metadata, not the checkpointer's: a trainer checkpoint's item
+    # directory (``<step>/state``) has no step metadata file of its own (that sits in
+    # ``<step>/``), and the checkpointer warns about it on every load.
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    meta = getattr(meta, "tree", meta)
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(m):

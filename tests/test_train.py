@@ -353,3 +353,25 @@ def test_checkpoint_writes_small_replicated_arrays_whole(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_reads_log_no_warnings(tmp_path, caplog):
+    """Loading a trainer checkpoint's state tree (what ``pretrained.load_params`` does with
+    a workdir) and registering our array handler log no orbax warnings: orbax warned about
+    the step metadata file missing from ``<step>/state`` on every load and about the
+    handler override once per process."""
+    import logging
+
+    from ldm_jax import checkpointing, pretrained
+
+    state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "b": {"x": jax.numpy.ones((4,), jax.numpy.bfloat16)}}
+    ck = Checkpointer(str(tmp_path))
+    ck.save(5, state, None, {})
+    ck.close()
+    with caplog.at_level(logging.INFO):
+        checkpointing._register_array_handler.__wrapped__()
+        tree = pretrained._restore_tree(os.path.join(str(tmp_path), "checkpoints", "5", "state"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(jax.device_get(state))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
