@@ -83,7 +83,7 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
 def sample_and_score(row: dict, num: int, num_reference: int, inception_weights: str | None,
                      seed: int, cache_dir: str, batch_size: int = 64) -> None:
     """Samples of the run scored against its held-out data (``ldm_jax.evaluate_generation``:
-    FID, Inception Score, precision / recall); both runs share the reference statistics."""
+    FID, sFID, Inception Score, precision / recall); both runs share the reference statistics."""
     from ldm_jax.evaluate_generation import evaluate_generation
 
     m = evaluate_generation(row["workdir"], "eval", num_samples=num, batch_size=batch_size, seed=seed,
@@ -91,7 +91,7 @@ def sample_and_score(row: dict, num: int, num_reference: int, inception_weights:
                             is_splits=min(10, max(1, num // 500)), pr_num=min(10_000, num), fid_method="eigh",
                             out_dir=os.path.join(row["workdir"], "eval", "compare"),
                             cache_dir=cache_dir)
-    row.update(fid=m["fid"], inception_score=m["inception_score"], precision=m["precision"],
+    row.update(fid=m["fid"], sfid=m["sfid"], inception_score=m["inception_score"], precision=m["precision"],
                recall=m["recall"], num_samples=m["num_samples"], num_reference=m["num_reference"],
                sample_images_per_s=m["images_per_s"], sample_wall_s=m["wall_s"],
                sampler=m["sampler"], eval_warnings=m["warnings"])
@@ -110,8 +110,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + (" with a RANDOMLY initialised Inception (smoke run: not a quality figure)"
            if meta["random_inception"] else " (FID Inception, pytorch-fid weights)") + ".",
         "",
-        "| run | space | U-Net input | params | train img/s | train wall | peak memory | sampling img/s | FID | IS | precision | recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | space | U-Net input | params | train img/s | train wall | peak memory | sampling img/s | FID | sFID | IS | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**30
@@ -119,7 +119,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['name']} | {r['space']} | {'x'.join(map(str, r['input_shape']))} | "
             f"{r['params'] / 1e6:.1f}M | {fmt(r['train_images_per_s'], '.3g')} | {r['train_wall_s']:.0f} s | "
             f"{fmt(mem, '.2f')}{' GiB' if mem is not None else ''} | {fmt(r['sample_images_per_s'], '.3g')} | "
-            f"{r['fid']:.2f} | {fmt(r['inception_score'], '.2f')} | {fmt(r['precision'], '.3f')} | "
+            f"{r['fid']:.2f} | {fmt(r.get('sfid'), '.2f')} | {fmt(r['inception_score'], '.2f')} | {fmt(r['precision'], '.3f')} | "
             f"{fmt(r['recall'], '.3f')} |")
     ratios = [f"{what} throughput ratio {rows[0]['name']}/{rows[1]['name']}: "
               f"{rows[0][key] / rows[1][key]:.2f}x."

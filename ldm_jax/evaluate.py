@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="class index or comma-separated list (default: all classes in turn)")
     g.add_argument("--noema", action="store_true", default=None, help="raw instead of EMA weights")
     g.add_argument("--ref_stats", default=None,
-                   help="precomputed reference statistics .npz (ours or pytorch-fid's) instead of --data")
+                   help="precomputed reference statistics .npz instead of --data: ours, pytorch-fid's (mu, "
+                        "sigma: no sFID) or an ADM reference batch (mu_s, sigma_s too)")
     g.add_argument("--num_reference", type=int, default=None, help="at most this many reference images (50000)")
     g.add_argument("--no_pr", action="store_true", default=None, help="skip precision/recall")
     g.add_argument("--pr_num", type=int, default=None,

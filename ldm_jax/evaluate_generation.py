@@ -1,5 +1,5 @@
-"""Sample quality of a trained latent (or pixel) diffusion model: FID, Inception Score,
-precision and recall of generated images against a reference set.
+"""Sample quality of a trained latent (or pixel) diffusion model: FID, sFID, Inception
+Score, precision and recall of generated images against a reference set.
 
     python -m ldm_jax.evaluate --workdir=LDM_WORKDIR [--data=train|eval|SPEC] [--num_samples=50000]
         [--sampler=ddim --steps=50 --eta=0 --cfg_scale=1.5 --class=...] [--ref_stats=FILE]
@@ -11,21 +11,25 @@ ones), in fixed global batches sharded over every device and process, with the c
 sampler unless overridden; class-conditional models cycle through all classes (balanced)
 unless ``--class`` names some. Each batch goes straight from the sampler to the FID
 Inception on the device (rounded to 8 bits first, as saved PNGs would be), and only its
-pool3 features and logits come back, so 50k samples need no host memory for images.
+pool3 features, logits and sFID spatial features come back, so 50k samples need no host
+memory for images.
 
 The reference set is ``--data``: ``train`` (default: the data the LDM was trained on,
 training split), ``eval`` (its held-out split) or any spec of the autoencoder evaluation
 (``embedded``, ``folder:/path[:eval|:all]``, ``tfds:name[:split]``), each image resized
 (shorter side) and center-cropped to the sample resolution. Its statistics are cached in
-the output directory, or ``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma`` and the
-features kept for precision / recall; the key covers the data, resolution, image count and
-Inception weights), and ``--ref_stats FILE`` uses a precomputed file instead (ours, or
-pytorch-fid's ``mu`` / ``sigma`` npz; without features in it precision / recall are
-skipped).
+the output directory, or ``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma``, the
+spatial ``mu_s``, ``sigma_s`` and the features kept for precision / recall; the key covers
+the data, resolution, image count and Inception weights), and ``--ref_stats FILE`` uses a
+precomputed file instead (ours, pytorch-fid's ``mu`` / ``sigma`` npz, or an ADM reference
+batch with ``mu_s`` / ``sigma_s``; without spatial statistics in it sFID is skipped,
+without features precision / recall are).
 
 Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``, or
 ``samples_<stats file name>`` with ``--ref_stats``):
-``fid``; ``inception_score`` and its std over 10 splits (``ldm_jax.gen_metrics``);
+``fid``; ``sfid`` (the Fréchet distance of the 2023-d spatial features of
+``FIDInceptionV3.features``, as in the ADM evaluator); ``inception_score`` and its std over
+10 splits (``ldm_jax.gen_metrics``);
 ``precision`` / ``recall`` (k = 3) on the first ``--pr_num`` (10k) samples and reference
 images; the sampler settings, checkpoint step, image counts, ``images_per_s`` (sampling,
 decoding and Inception features together, after the first, compiling, batch), versions
@@ -54,7 +58,9 @@ from ldm_jax import gen_metrics, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
-from ldm_jax.fid import FeatureStats, frechet_distance, load_stats, small_sample_warning
+from ldm_jax.fid import (FeatureStats, frechet_distance, load_spatial_stats, load_stats,
+                         small_sample_warning)
+from ldm_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
 from ldm_jax.weights_cache import save_json_atomic, save_npz_atomic
 
 log = logging.getLogger(__name__)
@@ -63,18 +69,19 @@ __all__ = ["evaluate_generation"]
 
 
 def _inception_fns(inc_gd, mesh):
-    """Jitted ``(state, images [-1, 1]) -> (pool3 [B, 2048], unbiased logits [B, 1008])``,
-    batch-sharded in and out; the ``q8`` variant rounds the images to 8 bits first."""
+    """Jitted ``(state, images [-1, 1]) -> (pool3 [B, 2048], unbiased logits [B, 1008],
+    spatial [B, 2023])``, batch-sharded in and out; the ``q8`` variant rounds the images to
+    8 bits first."""
     batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     def feats(st, x):
         inc = nnx.merge(inc_gd, st)
-        pool = inc(x)
-        logits = jnp.dot(pool, inc.fc.kernel[...].astype(jnp.float32),
+        f = inc.features(x)
+        logits = jnp.dot(f["pool"], inc.fc.kernel[...].astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
-        return pool, logits
+        return f["pool"], logits, f["spatial"]
 
-    kw = dict(in_shardings=(rep, batch_sh), out_shardings=(batch_sh, batch_sh))
+    kw = dict(in_shardings=(rep, batch_sh), out_shardings=(batch_sh, batch_sh, batch_sh))
     return jax.jit(feats, **kw), jax.jit(lambda st, x: feats(st, ev._q8(x)), **kw)
 
 
@@ -115,28 +122,30 @@ def _reference_source(data: str, tr, tfds_data_dir: str):
 
 
 def _reference_pass(source, n: int, resolution: int, batch: int, mesh, feat_fn, inc_st,
-                    pr_num: int) -> tuple[FeatureStats, np.ndarray]:
-    """Statistics of ``n`` reference images (every process reads its share) and the
-    features of (up to) ``pr_num`` of them for precision / recall."""
+                    pr_num: int) -> tuple[FeatureStats, FeatureStats, np.ndarray]:
+    """Statistics of ``n`` reference images (every process reads its share): of the pool3
+    and of the spatial features, and the pool3 features of (up to) ``pr_num`` of them for
+    precision / recall."""
     count, index = jax.process_count(), jax.process_index()
     per = math.ceil(n / count)
     keys = range(min(index * per, n), min((index + 1) * per, n))
     lb = batch // count
     batch_sh = sharding.batch_sharding(mesh)
     reader = ev._Reader(source, keys, resolution, full_size=False)
-    stats, kept, n_kept, share = FeatureStats(), [], 0, math.ceil(pr_num / count)
+    stats, stats_s, kept, n_kept, share = FeatureStats(), FeatureStats(), [], 0, math.ceil(pr_num / count)
     try:
         for _, x, valid in ev._read_batches(reader, keys, lb, max(1, math.ceil(per / lb)), resolution):
             gx = sharding.global_batch({"image": x}, batch_sh)["image"]
-            pool, _ = ev._to_local(feat_fn(inc_st, gx), mesh)
+            pool, _, spatial = ev._to_local(feat_fn(inc_st, gx), mesh)
             stats.update(pool[valid])
+            stats_s.update(spatial[valid])
             if n_kept < share:
                 kept.append(pool[valid][:share - n_kept])
                 n_kept += len(kept[-1])
     finally:
         reader.close()
-    stats = ev._gather_stats(stats, pool.shape[1])
-    return stats, _gather_rows(kept, share, pool.shape[1])
+    stats, stats_s = ev._gather_stats(stats, pool.shape[1]), ev._gather_stats(stats_s, spatial.shape[1])
+    return stats, stats_s, _gather_rows(kept, share, pool.shape[1])
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -218,6 +227,16 @@ def evaluate_generation(
         if not os.path.isfile(reference_stats):
             raise FileNotFoundError(f"--ref_stats {reference_stats} does not exist")
         mu_r, sigma_r = load_stats(reference_stats)
+        ref_spatial = load_spatial_stats(reference_stats)
+        for what, mu, dim in (("mu / sigma", mu_r, FEATURE_DIM),
+                              ("mu_s / sigma_s", None if ref_spatial is None else ref_spatial[0], SPATIAL_DIM)):
+            if mu is not None and mu.shape != (dim,):
+                raise ValueError(f"--ref_stats {reference_stats}: {what} have {mu.shape[0]} dimensions, "
+                                 f"expected {dim} (the FID Inception's pool3 and 17x17x7 mixed_6/conv "
+                                 "features)")
+        if ref_spatial is None:
+            warnings_out.append("sFID skipped: the statistics file has no spatial statistics "
+                                "(mu_s, sigma_s)")
         with np.load(reference_stats, allow_pickle=False) as z:
             n_ref = int(z["num_images"]) if "num_images" in z.files else None
             if "features" in z.files:
@@ -229,11 +248,12 @@ def evaluate_generation(
         if n_ref < 2:
             raise ValueError(f"the reference data ({ref_desc}) has {len(source)} images; FID needs >= 2")
         ident.update(resolution=resolution, num=n_ref, pr_num=pr_num if precision_recall else 0,
-                     inception=_fingerprint(inc))
+                     inception=_fingerprint(inc), spatial="mixed_6/conv:7")
         key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
         ref_cache = os.path.join(cache_dir or out_dir, f"reference_{key}.npz")
         if os.path.isfile(ref_cache):
             mu_r, sigma_r = load_stats(ref_cache)
+            ref_spatial = load_spatial_stats(ref_cache)
             with np.load(ref_cache, allow_pickle=False) as z:
                 n_ref = int(z["num_images"])
                 ref_features = np.asarray(z["features"], np.float32) if z["features"].size else None
@@ -241,7 +261,7 @@ def evaluate_generation(
         else:
             log.info("reference: %d images of %s at %dx%d", n_ref, ref_desc, resolution, resolution)
             skipped_before = set(tf_lib.skipped_files())
-            stats, ref_features = _reference_pass(
+            stats, stats_s, ref_features = _reference_pass(
                 source, n_ref, resolution, bs.batch, mesh, feat_fn, inc_st,
                 pr_num if precision_recall else 0)
             skipped = sorted(set(tf_lib.skipped_files()) - skipped_before)
@@ -251,8 +271,10 @@ def evaluate_generation(
             if n_ref < 2:
                 raise ValueError(f"only {n_ref} readable reference images; FID needs >= 2")
             mu_r, sigma_r = stats.mean, stats.cov
+            ref_spatial = stats_s.mean, stats_s.cov
             if is_main:
                 save_npz_atomic(dict(mu=mu_r, sigma=sigma_r, num_images=np.asarray(n_ref),
+                                 mu_s=ref_spatial[0], sigma_s=ref_spatial[1],
                                  features=(ref_features if ref_features is not None
                                            else np.zeros((0, mu_r.shape[0]), np.float32)),
                                  meta=np.asarray(json.dumps(ident, sort_keys=True, default=str))),
@@ -267,15 +289,16 @@ def evaluate_generation(
     b_local = bs.batch // count
     num_batches = math.ceil(num_samples / bs.batch)
     is_acc = gen_metrics.InceptionScore(num_samples, is_splits)
-    stats, kept, grid = FeatureStats(), [], []
+    stats, stats_s, kept, grid = FeatureStats(), FeatureStats(), [], []
     t_first = None
     log.info("sampling %d images in %d batches of %d", num_samples, num_batches, bs.batch)
     for i in range(num_batches):
         images = bs(i, padded_labels(labels, i, bs.batch), seed)
-        pool, logits = ev._to_local(feat_q8_fn(inc_st, images), mesh)
+        pool, logits, spatial = ev._to_local(feat_q8_fn(inc_st, images), mesh)
         idx = i * bs.batch + index * b_local + np.arange(b_local)
         valid = idx < num_samples
         stats.update(pool[valid])
+        stats_s.update(spatial[valid])
         is_acc.update(logits[valid], idx[valid])
         if precision_recall:
             keep = valid & (idx < pr_num)
@@ -288,7 +311,7 @@ def evaluate_generation(
         if is_main and (i + 1) % 10 == 0:
             log.info("  %d / %d batches", i + 1, num_batches)
     t_end = time.time()
-    stats = ev._gather_stats(stats, pool.shape[1])
+    stats, stats_s = ev._gather_stats(stats, pool.shape[1]), ev._gather_stats(stats_s, spatial.shape[1])
     g = ev._allgather(is_acc.to_arrays())
     is_total = gen_metrics.InceptionScore(num_samples, is_splits)
     for p in range(g["count"].shape[0]):
@@ -298,7 +321,20 @@ def evaluate_generation(
         raise RuntimeError(f"internal error: scored {stats.n} samples, expected {num_samples}")
 
     # ---- metrics -------------------------------------------------------------------------
-    fid_value = frechet_distance(stats.mean, stats.cov, mu_r, sigma_r, method=fid_method)
+    def distance(name, mu, sigma, mu_ref, sigma_ref):
+        # The samples are already drawn: a failed sqrtm must not lose them.
+        try:
+            return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=fid_method)
+        except ValueError as e:
+            if fid_method != "sqrtm":
+                raise
+            warnings_out.append(f"{name}: {e}; computed with fid_method='eigh' instead")
+            return frechet_distance(mu, sigma, mu_ref, sigma_ref, method="eigh")
+
+    fid_value = distance("FID", stats.mean, stats.cov, mu_r, sigma_r)
+    sfid_value = None
+    if ref_spatial is not None:
+        sfid_value = distance("sFID", stats_s.mean, stats_s.cov, *ref_spatial)
     is_mean, is_std = is_total.result()
     for n_, what in ((num_samples, "samples"), (n_ref, "reference images")):
         note = small_sample_warning(n_) if n_ is not None else None
@@ -333,6 +369,7 @@ def evaluate_generation(
         "num_reference": n_ref,
         "reference_cache": ref_cache,
         "fid": float(fid_value),
+        "sfid": None if sfid_value is None else float(sfid_value),
         "fid_method": fid_method,
         "inception_score": is_mean,
         "inception_score_std": is_std,
@@ -368,7 +405,8 @@ def print_summary(r: dict) -> None:
           f"{r['sampler']['name']}-{r['sampler']['steps']}, {r['num_samples']} samples at "
           f"{r['resolution']}x{r['resolution']} vs {r['num_reference']} reference images "
           f"({r['reference']})")
-    print(f"FID {f(r['fid'])}, IS {f(r['inception_score'])} ± {f(r['inception_score_std'])}, "
+    print(f"FID {f(r['fid'])}, sFID {f(r.get('sfid'))}, "
+          f"IS {f(r['inception_score'])} ± {f(r['inception_score_std'])}, "
           f"precision {f(r['precision'])}, recall {f(r['recall'])}")
     for w in r["warnings"]:
         print(f"note: {w}")

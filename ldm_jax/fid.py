@@ -12,7 +12,9 @@ mean/co-moment merge of Chan et al., in float64, so any batch split gives the sa
 as one pass over all features; ``merge`` combines the statistics of several processes.
 
 Stats files are ``.npz`` with ``mu`` and ``sigma`` (the keys pytorch-fid uses, so its
-precomputed reference files load) plus ``num_images`` when known.
+precomputed reference files load) plus ``num_images`` when known, and optionally
+``mu_s`` / ``sigma_s``: the statistics of the 2023-d spatial features for sFID (the keys
+of the ADM evaluator's reference batches).
 
 FID is strongly biased upwards for small sample sizes (and the 2048x2048 covariance is
 singular below 2049 images); only compare FIDs computed with the same number of images,
@@ -34,6 +36,7 @@ __all__ = [
     "frechet_distance",
     "save_stats",
     "load_stats",
+    "load_spatial_stats",
     "to_inception_input",
     "make_feature_fn",
     "inception_features",
@@ -169,11 +172,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
-def save_stats(path: str | os.PathLike, mu, sigma, num_images: int | None = None) -> str:
-    """Write ``mu``/``sigma`` (pytorch-fid's keys) and ``num_images`` to ``path`` (.npz)."""
+def save_stats(path: str | os.PathLike, mu, sigma, num_images: int | None = None, *,
+               mu_s=None, sigma_s=None) -> str:
+    """Write ``mu``/``sigma`` (pytorch-fid's keys), ``num_images`` and, when given, the
+    spatial (sFID) statistics ``mu_s``/``sigma_s`` to ``path`` (.npz)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     extra = {} if num_images is None else {"num_images": np.asarray(int(num_images))}
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("save_stats: give both mu_s and sigma_s, or neither")
+    if mu_s is not None:
+        extra.update(mu_s=np.asarray(mu_s, np.float64), sigma_s=np.asarray(sigma_s, np.float64))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -192,6 +201,15 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{os.fspath(path)} is not an FID stats file (needs 'mu' and "
                              f"'sigma', has {z.files})")
         return np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+
+
+def load_spatial_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mu_s, sigma_s)``, the sFID statistics of a stats ``.npz``, or None when it has
+    none (pytorch-fid's files); the ADM evaluator's reference batches have them."""
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        if "mu_s" not in z.files or "sigma_s" not in z.files:
+            return None
+        return np.asarray(z["mu_s"], np.float64), np.asarray(z["sigma_s"], np.float64)
 
 
 def small_sample_warning(n: int) -> str | None:

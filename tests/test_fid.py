@@ -150,6 +150,17 @@ def test_stats_file_roundtrip(tmp_path):
     np.testing.assert_array_equal(s, s2)
     np.savez(tmp_path / "pytorch_fid_style.npz", mu=mu, sigma=s)  # pytorch-fid's format
     np.testing.assert_array_equal(fid.load_stats(tmp_path / "pytorch_fid_style.npz")[1], s)
+    assert fid.load_spatial_stats(path) is None  # no sFID statistics in either file
+    assert fid.load_spatial_stats(tmp_path / "pytorch_fid_style.npz") is None
+    mu_s, s_s = fid.feature_statistics(rng.normal(size=(20, 3)))
+    path_s = fid.save_stats(tmp_path / "ref_s.npz", mu, s, num_images=20, mu_s=mu_s, sigma_s=s_s)
+    np.testing.assert_array_equal(fid.load_stats(path_s)[1], s)
+    for a, b in zip(fid.load_spatial_stats(path_s), (mu_s, s_s)):
+        np.testing.assert_array_equal(a, b)
+    np.savez(tmp_path / "adm_style.npz", mu=mu, sigma=s, mu_s=mu_s, sigma_s=s_s)  # ADM reference batch
+    np.testing.assert_array_equal(fid.load_spatial_stats(tmp_path / "adm_style.npz")[1], s_s)
+    with pytest.raises(ValueError, match="both mu_s and sigma_s"):
+        fid.save_stats(tmp_path / "half.npz", mu, s, mu_s=mu_s)
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
         fid.load_stats(tmp_path / "bad.npz")
@@ -217,7 +228,10 @@ def torch_fid_net(tmp_path_factory):
 
 
 def _torch_pool3_and_logits(net, x01):
-    """pytorch-fid's InceptionV3 forward (resize_input, normalize_input) up to pool3."""
+    """pytorch-fid's InceptionV3 forward (resize_input, normalize_input) up to pool3, the
+    fc logits, and the sFID spatial features: Mixed_6d's 1x1 branch (its own module, not
+    a slice of the block output), first 7 channels, flattened in (H, W, C) order as the
+    ADM evaluator flattens TensorFlow's NHWC ``mixed_6/conv``."""
     torch, _ = _torch()
     import torch.nn.functional as F
 
@@ -228,9 +242,12 @@ def _torch_pool3_and_logits(net, x01):
                      "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
                      "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
                      "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            if name == "Mixed_6d":
+                b1 = net.Mixed_6d.branch1x1(h)[:, :7]
+                spatial = b1.permute(0, 2, 3, 1).reshape(b1.shape[0], -1).numpy()
             h = getattr(net, name)(h)
         pool = torch.flatten(net.avgpool(h), 1)
-        return pool.numpy(), net.fc(pool).numpy()
+        return pool.numpy(), net.fc(pool).numpy(), spatial
 
 
 def test_inception_matches_pytorch_fid(torch_fid_net):
@@ -239,20 +256,23 @@ def test_inception_matches_pytorch_fid(torch_fid_net):
     model, status = iw.create_inception(path)
     assert "loaded" in status
     gd, state = nnx.split(model)
-    fwd = jax.jit(lambda st, x: nnx.merge(gd, st)(x, logits=True))
+    fwd = jax.jit(lambda st, x: nnx.merge(gd, st).features(x))
+    call = jax.jit(lambda st, x: nnx.merge(gd, st)(x, logits=True))
     g = torch.Generator().manual_seed(2)
     # Upsampled (as 256x256 crops are) and downsampled inputs exercise both resize paths.
     for shape in ((2, 3, 64, 80), (1, 3, 333, 410)):
         x01 = torch.rand(shape, generator=g)
-        want_pool, want_logits = _torch_pool3_and_logits(net, x01)
+        want = dict(zip(("pool", "logits", "spatial"), _torch_pool3_and_logits(net, x01)))
         x = jnp.asarray(x01.numpy().transpose(0, 2, 3, 1) * 2 - 1)
-        pool, logits = fwd(state, x)
-        scale = np.abs(want_pool).max()
-        assert pool.shape == (shape[0], 2048)
-        err = np.abs(np.asarray(pool) - want_pool).max() / scale
-        assert err <= 1e-4, f"pool3 relative error {err:.2e} for input {shape}"
-        lerr = np.abs(np.asarray(logits) - want_logits).max() / np.abs(want_logits).max()
-        assert lerr <= 1e-4, f"logits relative error {lerr:.2e}"
+        got = fwd(state, x)
+        assert got["pool"].shape == (shape[0], 2048)
+        assert got["spatial"].shape == (shape[0], inc.SPATIAL_DIM) == (shape[0], 2023)
+        for k in ("pool", "logits", "spatial"):
+            err = np.abs(np.asarray(got[k]) - want[k]).max() / np.abs(want[k]).max()
+            assert err <= 1e-4, f"{k} relative error {err:.2e} for input {shape}"
+        pool, logits = call(state, x)  # __call__ is features' pool (and logits)
+        np.testing.assert_array_equal(pool, got["pool"])
+        np.testing.assert_array_equal(logits, got["logits"])
 
 
 def test_bilinear_resize_matches_torch_interpolate():

@@ -297,7 +297,7 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
         assert r["precision"] is None  # 2 reference images: too few for k = 3 manifolds
     assert len(os.listdir(tmp_path / "wd" / "reference_stats")) == 1  # computed once for both runs
     text = open(out).read()
-    assert "| sampling img/s | FID | IS | precision | recall |" in text
+    assert "| sampling img/s | FID | sFID | IS | precision | recall |" in text
     assert "| latent | latent | 8x8x4 |" in text and "| pixel | pixel | 32x32x3 |" in text
     assert "RANDOMLY initialised Inception" in text
     assert "Training throughput ratio latent/pixel: " in text and "Sampling throughput ratio latent/pixel: " in text
@@ -311,7 +311,7 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
         assert again[k] == rows["latent"][k], k
 
 
-def test_generation_evaluation_matches_direct_computation(trained, tmp_path_factory, capsys):
+def test_generation_evaluation_matches_direct_computation(trained, tmp_path_factory, capsys, monkeypatch):
     """``python -m ldm_jax.evaluate`` on an LDM workdir: the streamed, sharded FID / IS /
     precision-recall equal the same metrics computed directly from ``sample_images`` and
     the reference images; the reference statistics are cached and reused."""
@@ -348,6 +348,14 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     f_s, f_r = fid.inception_features(inc, images), fid.inception_features(inc, ref)
     want_fid = fid.frechet_distance(*fid.feature_statistics(f_s), *fid.feature_statistics(f_r), method="eigh")
     np.testing.assert_allclose(m["fid"], want_fid, rtol=1e-4)
+    inc_gd, inc_st = nnx.split(inc)
+    spatial = jax.jit(lambda x: nnx.merge(inc_gd, inc_st).features(x)["spatial"])
+    sp_s, sp_r = (np.asarray(spatial(fid.to_inception_input(a))) for a in (images, ref))
+    assert sp_s.shape == (12, 2023)
+    want_sfid = fid.frechet_distance(*fid.feature_statistics(sp_s), *fid.feature_statistics(sp_r),
+                                     method="eigh")
+    np.testing.assert_allclose(m["sfid"], want_sfid, rtol=1e-4)
+    assert abs(want_sfid - want_fid) > 1e-3 * want_fid  # a different feature space
     logits = f_s @ np.asarray(inc.fc.kernel[...], np.float64)
     np.testing.assert_allclose([m["inception_score"], m["inception_score_std"]],
                                gen_metrics.inception_score(logits, 3), rtol=1e-4)
@@ -364,13 +372,35 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
         m2 = json.load(f)
     assert os.stat(cache).st_mtime_ns == stamp
     assert m2["fid"] == pytest.approx(m["fid"], rel=1e-9) and m2["precision"] == m["precision"]
-    # precomputed statistics without features: FID only
+    assert m2["sfid"] == pytest.approx(m["sfid"], rel=1e-9)
+    # precomputed statistics without features (pytorch-fid's keys): FID only
     stats = fid.save_stats(tmp / "ref.npz", *fid.feature_statistics(f_r), num_images=7)
     assert evaluate.main(args[:-2] + ["--ref_stats", stats]) == 0  # default --out: named after the file
     with open(os.path.join(workdir, "eval", "samples_ref", "metrics.json")) as f:
         m3 = json.load(f)
     np.testing.assert_allclose(m3["fid"], want_fid, rtol=1e-4)
     assert m3["precision"] is None and any("precision/recall skipped" in w for w in m3["warnings"])
+    assert m3["sfid"] is None and any("sFID skipped" in w for w in m3["warnings"])
+    # with the spatial statistics (the ADM reference batches' mu_s / sigma_s): sFID too
+    stats_s = fid.save_stats(tmp / "ref_s.npz", *fid.feature_statistics(f_r), num_images=7,
+                             **dict(zip(("mu_s", "sigma_s"), fid.feature_statistics(sp_r))))
+    assert evaluate.main(args[:-1] + [str(tmp / "out_s"), "--ref_stats", stats_s]) == 0
+    with open(tmp / "out_s" / "metrics.json") as f:
+        np.testing.assert_allclose(json.load(f)["sfid"], want_sfid, rtol=1e-4)
+    # a failing sqrtm (significant imaginary part) after sampling: the eigh form, a warning
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.asarray(a) * (1 + 1j))
+    sq = [a if a != "eigh" else "sqrtm" for a in args]
+    assert evaluate.main(sq[:-1] + [str(tmp / "out_sq")]) == 0
+    monkeypatch.undo()
+    with open(tmp / "out_sq" / "metrics.json") as f:
+        m5 = json.load(f)
+    np.testing.assert_allclose([m5["fid"], m5["sfid"]], [want_fid, want_sfid], rtol=1e-4)
+    assert sum("computed with fid_method='eigh' instead" in w for w in m5["warnings"]) == 2
+    # statistics of other features: refused before any sampling
+    bad = fid.save_stats(tmp / "bad.npz", np.zeros(64), np.eye(64))
+    capsys.readouterr()
+    assert evaluate.main(args + ["--ref_stats", bad]) == 2
+    assert "mu / sigma have 64 dimensions, expected 2048" in capsys.readouterr().err
 
     # autoencoder-only flags on an LDM workdir: a clear usage error
     capsys.readouterr()

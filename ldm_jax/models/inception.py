@@ -24,7 +24,11 @@ image gives the same result). Note that ``jax.image.resize`` would anti-alias wh
 shrinking and therefore differ; we use explicit interpolation matrices instead.
 
 Output: the 2048-d ``pool3`` features (global average pool after Mixed_7c), optionally
-with the 1008 logits of the ``fc`` layer.
+with the 1008 logits of the ``fc`` layer. ``features`` also returns the *spatial*
+features of sFID (Nash et al. 2021, as the ADM evaluator computes them): the first 7
+channels of the TF graph's ``mixed_6/conv`` tensor, i.e. of the 1x1 branch of Mixed_6d
+(the first 192 channels of that block's output), 17x17x7 at 299x299 input, flattened in
+(H, W, C) order to 2023 values.
 
 All weights are ``FrozenWeight`` variables (shared with LPIPS): never ``nnx.Param``, never
 trained, wrapped in ``stop_gradient``. Convolutions run at ``Precision.HIGHEST`` by default
@@ -44,13 +48,15 @@ from flax import nnx
 
 from ldm_jax.models.lpips import FrozenWeight, frozen_weights
 
-__all__ = ["FIDInceptionV3", "INCEPTION_SIZE", "FEATURE_DIM", "NUM_LOGITS", "bilinear_resize",
-           "bilinear_resize_np", "inception_weights"]
+__all__ = ["FIDInceptionV3", "INCEPTION_SIZE", "FEATURE_DIM", "NUM_LOGITS", "SPATIAL_CHANNELS",
+           "SPATIAL_DIM", "bilinear_resize", "bilinear_resize_np", "inception_weights"]
 
 Dtype = Any
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
+SPATIAL_CHANNELS = 7  # sFID: channels kept of mixed_6/conv (Mixed_6d's 1x1 branch)
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # at 299x299 input
 BN_EPS = 1e-3
 
 
@@ -353,6 +359,13 @@ class FIDInceptionV3(nnx.Module):
             start += size
 
     def __call__(self, x: jax.Array, *, resize: bool = True, logits: bool = False):
+        f = self.features(x, resize=resize)
+        return (f["pool"], f["logits"]) if logits else f["pool"]
+
+    def features(self, x: jax.Array, *, resize: bool = True) -> dict[str, jax.Array]:
+        """``{"pool": [B, 2048], "logits": [B, 1008], "spatial": [B, 2023]}`` (float32):
+        pool3, the ``fc`` logits (with bias) and the sFID spatial features (see the module
+        doc). Under ``jit`` the outputs a caller drops are not computed."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"FIDInceptionV3 expects NHWC RGB images, got shape {x.shape}")
         x = x.astype(jnp.float32)
@@ -365,16 +378,18 @@ class FIDInceptionV3(nnx.Module):
         h = self.Conv2d_3b_1x1(h)
         h = self.Conv2d_4a_3x3(h)
         h = _max_pool(h, 3, 2, 0)
+        spatial = None
         for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
                      "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
             h = getattr(self, name)(h)
+            if name == "Mixed_6d":  # its output starts with the 1x1 branch (mixed_6/conv)
+                s = h[..., :SPATIAL_CHANNELS].astype(jnp.float32)
+                spatial = s.reshape(s.shape[0], -1)
         pool = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-        if not logits:
-            return pool
         sg = jax.lax.stop_gradient
         out = jnp.dot(pool, sg(self.fc.kernel[...]).astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST) + sg(self.fc.bias[...]).astype(jnp.float32)
-        return pool, out
+        return {"pool": pool, "logits": out, "spatial": spatial}
 
 
 def inception_weights(model: FIDInceptionV3) -> dict[str, FrozenWeight]:
