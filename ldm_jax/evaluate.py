@@ -81,7 +81,7 @@ from ldm_jax import config_lib, metrics, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
-from ldm_jax.fid import (FeatureStats, fid_of_samples, frechet_distance, inception_features,
+from ldm_jax.fid import (FeatureStats, fid_of_samples, frechet_distance_or_eigh, inception_features,
                          small_sample_warning)
 from ldm_jax.models import inception as inception_lib
 from ldm_jax.models import lpips as lpips_lib
@@ -653,9 +653,9 @@ def evaluate_autoencoder(
         if stats is not None:
             real, recon = stats
             if real.n >= 2 and recon.n >= 2:
-                block["rfid"] = frechet_distance(real.mean, real.cov, recon.mean, recon.cov,
-                                                 method=fid_method)
-                w = small_sample_warning(real.n)
+                block["rfid"], fallback = frechet_distance_or_eigh(
+                    real.mean, real.cov, recon.mean, recon.cov, fid_method, "rFID")
+                w = " ".join(filter(None, (small_sample_warning(real.n), fallback)))
                 if w:
                     block["rfid_warning"] = w
             else:

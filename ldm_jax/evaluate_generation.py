@@ -58,7 +58,7 @@ from ldm_jax import gen_metrics, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
-from ldm_jax.fid import (FeatureStats, frechet_distance, load_spatial_stats, load_stats,
+from ldm_jax.fid import (FeatureStats, frechet_distance_or_eigh, load_spatial_stats, load_stats,
                          small_sample_warning)
 from ldm_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
 from ldm_jax.weights_cache import save_json_atomic, save_npz_atomic
@@ -322,14 +322,10 @@ def evaluate_generation(
 
     # ---- metrics -------------------------------------------------------------------------
     def distance(name, mu, sigma, mu_ref, sigma_ref):
-        # The samples are already drawn: a failed sqrtm must not lose them.
-        try:
-            return frechet_distance(mu, sigma, mu_ref, sigma_ref, method=fid_method)
-        except ValueError as e:
-            if fid_method != "sqrtm":
-                raise
-            warnings_out.append(f"{name}: {e}; computed with fid_method='eigh' instead")
-            return frechet_distance(mu, sigma, mu_ref, sigma_ref, method="eigh")
+        value, note = frechet_distance_or_eigh(mu, sigma, mu_ref, sigma_ref, fid_method, name)
+        if note:
+            warnings_out.append(note)
+        return value
 
     fid_value = distance("FID", stats.mean, stats.cov, mu_r, sigma_r)
     sfid_value = None

@@ -34,6 +34,7 @@ __all__ = [
     "FeatureStats",
     "feature_statistics",
     "frechet_distance",
+    "frechet_distance_or_eigh",
     "save_stats",
     "load_stats",
     "load_spatial_stats",
@@ -170,6 +171,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
             raise ValueError(f"FID: sqrtm has a significant imaginary component ({m:.3g})")
         covmean = covmean.real
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance_or_eigh(mu1, sigma1, mu2, sigma2, method: str = "sqrtm",
+                             name: str = "FID") -> tuple[float, str | None]:
+    """``(frechet_distance(..., method), None)``, or, when ``method='sqrtm'`` fails
+    (a significant imaginary part, as for singular covariances of few images), the same
+    quantity by ``method='eigh'`` and a warning naming ``name``. For the evaluations, which
+    compute the distance after all the sampling and feature passes: a failed sqrtm must
+    not lose that work."""
+    try:
+        return frechet_distance(mu1, sigma1, mu2, sigma2, method=method), None
+    except ValueError as e:
+        if method != "sqrtm" or "imaginary" not in str(e):
+            raise
+        return (frechet_distance(mu1, sigma1, mu2, sigma2, method="eigh"),
+                f"{name}: {e}; computed with fid_method='eigh' instead")
 
 
 def save_stats(path: str | os.PathLike, mu, sigma, num_images: int | None = None, *,

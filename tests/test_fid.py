@@ -141,6 +141,22 @@ def test_stats_accumulate_like_one_shot():
         _ = fid.FeatureStats().update(f[:1]).cov
 
 
+def test_frechet_distance_or_eigh_falls_back_only_for_a_failed_sqrtm(monkeypatch):
+    rng = np.random.default_rng(3)
+    a, b = (fid.feature_statistics(rng.normal(size=(30, 8)) + k) for k in (0.0, 0.5))
+    want = fid.frechet_distance(*a, *b, method="eigh")
+    assert fid.frechet_distance_or_eigh(*a, *b) == (pytest.approx(want, rel=1e-6), None)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda m: np.asarray(m) * (1 + 1j))
+    with pytest.raises(ValueError, match="imaginary"):
+        fid.frechet_distance(*a, *b)
+    value, note = fid.frechet_distance_or_eigh(*a, *b, name="sFID")
+    assert value == pytest.approx(want, rel=1e-12)
+    assert note.startswith("sFID: FID: sqrtm has a significant imaginary component")
+    assert "fid_method='eigh' instead" in note
+    with pytest.raises(ValueError, match="different shapes"):  # other errors are not hidden
+        fid.frechet_distance_or_eigh(a[0][:4], a[1][:4, :4], *b)
+
+
 def test_stats_file_roundtrip(tmp_path):
     rng = np.random.default_rng(5)
     mu, s = fid.feature_statistics(rng.normal(size=(20, 6)))
