@@ -861,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--noema", action="store_true", default=None, help="raw instead of EMA weights")
     g.add_argument("--ref_stats", default=None,
                    help="precomputed reference statistics .npz instead of --data: ours, pytorch-fid's (mu, "
-                        "sigma: no sFID) or an ADM reference batch (mu_s, sigma_s too)")
+                        "sigma: no sFID) or an ADM reference batch (mu_s, sigma_s too; its images "
+                        "arr_0 give precision/recall)")
     g.add_argument("--num_reference", type=int, default=None, help="at most this many reference images (50000)")
     g.add_argument("--no_pr", action="store_true", default=None, help="skip precision/recall")
     g.add_argument("--pr_num", type=int, default=None,

@@ -22,8 +22,9 @@ the output directory, or ``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma
 spatial ``mu_s``, ``sigma_s`` and the features kept for precision / recall; the key covers
 the data, resolution, image count and Inception weights), and ``--ref_stats FILE`` uses a
 precomputed file instead (ours, pytorch-fid's ``mu`` / ``sigma`` npz, or an ADM reference
-batch with ``mu_s`` / ``sigma_s``; without spatial statistics in it sFID is skipped,
-without features precision / recall are).
+batch: ``mu_s`` / ``sigma_s`` too, and its images ``arr_0``, whose first ``--pr_num`` are
+scored for precision / recall; without spatial statistics in it sFID is skipped, without
+features or images precision / recall are).
 
 Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``, or
 ``samples_<stats file name>`` with ``--ref_stats``):
@@ -59,7 +60,7 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
 from ldm_jax.fid import (FeatureStats, frechet_distance_or_eigh, load_spatial_stats, load_stats,
-                         small_sample_warning)
+                         small_sample_warning, to_inception_input)
 from ldm_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
 from ldm_jax.weights_cache import save_json_atomic, save_npz_atomic
 
@@ -83,6 +84,25 @@ def _inception_fns(inc_gd, mesh):
 
     kw = dict(in_shardings=(rep, batch_sh), out_shardings=(batch_sh, batch_sh, batch_sh))
     return jax.jit(feats, **kw), jax.jit(lambda st, x: feats(st, ev._q8(x)), **kw)
+
+
+def _array_features(images: np.ndarray, n: int, batch: int, mesh, feat_fn, inc_st) -> np.ndarray:
+    """pool3 features of the first ``n`` images of an NHWC array that every process holds
+    (an ADM reference batch's ``arr_0``); each process scores its share, in global batches."""
+    count, index = jax.process_count(), jax.process_index()
+    per = math.ceil(n / count)
+    keys = np.arange(min(index * per, n), min((index + 1) * per, n))
+    lb = batch // count
+    batch_sh = sharding.batch_sharding(mesh)
+    rows = []
+    for b in range(max(1, math.ceil(per / lb))):
+        these = keys[b * lb:(b + 1) * lb]
+        x = np.zeros((lb, *images.shape[1:]), np.float32)
+        if len(these):
+            x[:len(these)] = to_inception_input(images[these])
+        pool, _, _ = ev._to_local(feat_fn(inc_st, sharding.global_batch({"image": x}, batch_sh)["image"]), mesh)
+        rows.append(pool[:len(these)])
+    return _gather_rows(rows, per, FEATURE_DIM)
 
 
 def _fingerprint(inc) -> str:
@@ -241,6 +261,15 @@ def evaluate_generation(
             n_ref = int(z["num_images"]) if "num_images" in z.files else None
             if "features" in z.files:
                 ref_features = np.asarray(z["features"], np.float32)
+            elif "arr_0" in z.files and precision_recall:  # an ADM reference batch's images
+                imgs = z["arr_0"]
+                if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8 or len(imgs) < 2:
+                    raise ValueError(f"--ref_stats {reference_stats}: arr_0 should hold uint8 NHWC RGB "
+                                     f"images (an ADM reference batch), got {imgs.dtype} {imgs.shape}")
+                n_pr_ref = min(pr_num, len(imgs))
+                log.info("precision/recall reference: Inception features of %d images of arr_0", n_pr_ref)
+                ref_features = _array_features(imgs, n_pr_ref, bs.batch, mesh, feat_fn, inc_st)
+                del imgs
         ref_desc, ref_cache = f"precomputed statistics {os.path.abspath(reference_stats)}", None
     else:
         source, ref_desc, ident = _reference_source(data, tr, tfds_data_dir)

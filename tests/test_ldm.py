@@ -381,12 +381,19 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     np.testing.assert_allclose(m3["fid"], want_fid, rtol=1e-4)
     assert m3["precision"] is None and any("precision/recall skipped" in w for w in m3["warnings"])
     assert m3["sfid"] is None and any("sFID skipped" in w for w in m3["warnings"])
-    # with the spatial statistics (the ADM reference batches' mu_s / sigma_s): sFID too
-    stats_s = fid.save_stats(tmp / "ref_s.npz", *fid.feature_statistics(f_r), num_images=7,
-                             **dict(zip(("mu_s", "sigma_s"), fid.feature_statistics(sp_r))))
-    assert evaluate.main(args[:-1] + [str(tmp / "out_s"), "--ref_stats", stats_s]) == 0
+    # an ADM reference batch: mu / sigma, the spatial mu_s / sigma_s (sFID) and the images
+    # arr_0 (uint8), whose Inception features give precision / recall
+    ref_u8 = np.asarray(np.round((np.asarray(ref, np.float32) + 1) * 127.5), np.uint8)
+    np.savez(tmp / "adm_ref.npz", arr_0=ref_u8, mu=fid.feature_statistics(f_r)[0],
+             sigma=fid.feature_statistics(f_r)[1], mu_s=fid.feature_statistics(sp_r)[0],
+             sigma_s=fid.feature_statistics(sp_r)[1])
+    assert evaluate.main(args[:-1] + [str(tmp / "out_s"), "--ref_stats", str(tmp / "adm_ref.npz")]) == 0
     with open(tmp / "out_s" / "metrics.json") as f:
-        np.testing.assert_allclose(json.load(f)["sfid"], want_sfid, rtol=1e-4)
+        m4 = json.load(f)
+    np.testing.assert_allclose([m4["fid"], m4["sfid"]], [want_fid, want_sfid], rtol=1e-4)
+    np.testing.assert_allclose([m4["precision"], m4["recall"]],
+                               gen_metrics.precision_recall(fid.inception_features(inc, ref_u8), f_s, k=2))
+    assert m4["pr_num_reference"] == 7
     # a failing sqrtm (significant imaginary part) after sampling: the eigh form, a warning
     monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.asarray(a) * (1 + 1j))
     sq = [a if a != "eigh" else "sqrtm" for a in args]
@@ -401,6 +408,10 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     capsys.readouterr()
     assert evaluate.main(args + ["--ref_stats", bad]) == 2
     assert "mu / sigma have 64 dimensions, expected 2048" in capsys.readouterr().err
+    np.savez(tmp / "adm_float.npz", arr_0=ref.astype(np.float32), mu=fid.feature_statistics(f_r)[0],
+             sigma=fid.feature_statistics(f_r)[1])
+    assert evaluate.main(args + ["--ref_stats", str(tmp / "adm_float.npz")]) == 2
+    assert "arr_0 should hold uint8 NHWC RGB images" in capsys.readouterr().err
 
     # autoencoder-only flags on an LDM workdir: a clear usage error
     capsys.readouterr()
