@@ -10,9 +10,12 @@
       # compile only (for a GPU model without having one, with --target): XLA's memory
       # estimate per device, does it fit, and kernel launches / bytes moved per phase
 
-Compiles once (timed), warms up, then times ``--steps`` steps with a device sync at the
-end, and reports images/s, step time, compile time, peak device memory, FLOPs per step
-and MFU against a table of bf16 peaks. Inputs are random images already on the device, so
+Compiles once (timed), warms up, then times ``--steps`` steps, each synchronised, and
+reports images/s, step time, compile time, peak device memory, FLOPs per step and MFU
+against a table of bf16 peaks. The training steps are called as the trainers call them,
+with the train state as flat leaves (``trainers.common.FlatState``; ``--tree-state``: as
+the ``nnx.State`` tree instead); ``dispatch_s_median`` is the host time until a step call
+returns (the step itself runs asynchronously on accelerators): the per-call host cost. Inputs are random images already on the device, so
 the number is the step's own speed, not the input pipeline's. LPIPS uses random VGG
 weights when the real ones are absent: the same FLOPs.
 
@@ -192,6 +195,19 @@ def _compiled_stats(compiled, mesh) -> dict:
 
 
 _DUMP_HLO: str | None = None  # set by --dump-hlo
+_FLAT_STATE = True  # --tree-state: pass the train state to the step as its NNX tree instead
+
+
+def _state_convention(state_sh):
+    """``(wrap the step, convert a state for it, the state's shardings for it)``: the
+    trainers' calling convention (``trainers.common.flat_step``: the state as flat leaves)
+    or, with ``--tree-state``, the train-state tree of ``nnx.State`` nodes itself (what the
+    trainers passed before; its per-call host cost is what the flat form removes)."""
+    from ldm_jax.trainers.common import FlatState, flat_step
+
+    if _FLAT_STATE:
+        return flat_step, FlatState.of, FlatState.of(state_sh)
+    return (lambda f: f), (lambda s: s), state_sh
 
 
 def _breakdown(counted: dict) -> dict:
@@ -318,15 +334,16 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     models = vae_gan.Models(ae=ae_gd, disc=d_gd, lpips=lp_gd)
     metrics_sh = jax.tree.map(lambda _: rep, vae_gan.TrainMetrics.empty())
     batch_sh = sharding.batch_sharding(mesh)
-    step = jax.jit(vae_gan.make_train_step(models, config, gen_tx, disc_tx),
-                   in_shardings=(state_sh, rep, batch_sh, metrics_sh),
-                   out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
+    wrap, state_in, st_sh = _state_convention(state_sh)
+    step = jax.jit(wrap(vae_gan.make_train_step(models, config, gen_tx, disc_tx)),
+                   in_shardings=(st_sh, rep, batch_sh, metrics_sh),
+                   out_shardings=(st_sh, metrics_sh), donate_argnums=(0, 3))
     res = config.model.resolution
     if flops_only:
         image = jax.ShapeDtypeStruct((batch, res, res, 3), np.float32, sharding=batch_sh)
         acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
         return _abstract_only("vae_gan_step", config_spec, config, batch, mesh, step,
-                              (state, lp_state, {"image": image}, acc), compile_only,
+                              (state_in(state), lp_state, {"image": image}, acc), compile_only,
                               resolution=res, grad_accum_steps=int(config.optim.grad_accum_steps),
                               **_remat_fields(config))
     rng = np.random.default_rng(0)
@@ -334,15 +351,18 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
               for _ in range(2)]
     acc = jax.device_put(vae_gan.TrainMetrics.empty(), metrics_sh)
     # Disc on, so the full generator + discriminator work is timed.
-    state = state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep))
+    state = state_in(state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep)))
 
     counted = _analytic_flops(step, state, lp_state, {"image": images[0]}, acc)
     compiled, compile_s, cache = _compile(step, state, lp_state, {"image": images[0]}, acc)
     carry = {"state": state, "acc": acc, "i": 0}
+    dispatch: list[float] = []
 
     def run():
+        t = time.perf_counter()
         carry["state"], carry["acc"] = compiled(carry["state"], lp_state,
                                                 {"image": images[carry["i"] % 2]}, carry["acc"])
+        dispatch.append(time.perf_counter() - t)
         carry["i"] += 1
         jax.block_until_ready(carry["acc"])
 
@@ -352,7 +372,9 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
                      counted, _cost_flops(compiled), mesh.size, batch, resolution=res,
                      compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
                      last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]),
-                     grad_accum_steps=int(config.optim.grad_accum_steps), **_remat_fields(config))
+                     grad_accum_steps=int(config.optim.grad_accum_steps), **_remat_fields(config),
+                     state_convention="flat" if _FLAT_STATE else "tree",
+                     dispatch_s_median=statistics.median(dispatch[-steps:]))
     return _profile(run, compiled, result)
 
 
@@ -402,16 +424,17 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     models = ldm.Models(unet=gd, ae=None)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, ldm.TrainMetrics.empty())
-    step = jax.jit(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config)),
-                   in_shardings=(state_sh, None, batch_sh, metrics_sh),
-                   out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
+    wrap, state_in, st_sh = _state_convention(state_sh)
+    step = jax.jit(wrap(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config))),
+                   in_shardings=(st_sh, None, batch_sh, metrics_sh),
+                   out_shardings=(st_sh, metrics_sh), donate_argnums=(0, 3))
     key = "image" if config.space == "pixel" else "moments"
     width = shape[-1] if config.space == "pixel" else 2 * shape[-1]
     if flops_only:
         b = {key: jax.ShapeDtypeStruct((batch, *shape[:2], width), np.float32, sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh)}
         return _abstract_only("unet_step", config_spec, config, batch, mesh, step,
-                              (state, None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
+                              (state_in(state), None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
                               compile_only, input_shape=list(shape),
                               grad_accum_steps=int(config.optim.grad_accum_steps),
                               params=common.param_count(state.params),
@@ -421,27 +444,34 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                 "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
                                         batch_sh)} for _ in range(2)]
     acc = jax.device_put(ldm.TrainMetrics.empty(), metrics_sh)
+    state = state_in(state)
     counted = _analytic_flops(step, state, None, batches[0], acc)
     compiled, compile_s, cache = _compile(step, state, None, batches[0], acc)
     carry = {"state": state, "acc": acc, "i": 0}
+    dispatch: list[float] = []
 
     def run():
+        t = time.perf_counter()
         carry["state"], carry["acc"] = compiled(carry["state"], None, batches[carry["i"] % 2], carry["acc"])
+        dispatch.append(time.perf_counter() - t)
         carry["i"] += 1
         jax.block_until_ready(carry["acc"])
 
     times, total = _time(run, steps, warmup)
     m = jax.device_get(carry["acc"].compute())
-    n_params = sum(x.size for x in jax.tree.leaves(carry["state"].params))
+    n_params = common.param_count((carry["state"].tree() if _FLAT_STATE else carry["state"]).params)
     result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
                      compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
                      **_remat_fields(config), last_loss=float(m["loss"]),
                      nan_skipped=float(m["skipped"]),
-                     grad_accum_steps=int(config.optim.grad_accum_steps))
+                     grad_accum_steps=int(config.optim.grad_accum_steps),
+                     state_convention="flat" if _FLAT_STATE else "tree",
+                     dispatch_s_median=statistics.median(dispatch[-steps:]))
     result = _profile(run, compiled, result)
     if breakdown:  # after the report, so the step's peak memory is its own
-        result["breakdown"] = _unet_breakdown(models, config, carry["state"], batches[0], state_sh,
+        final = carry["state"].tree() if _FLAT_STATE else carry["state"]  # after --profile's steps
+        result["breakdown"] = _unet_breakdown(models, config, final, batches[0], state_sh,
                                               batch_sh, rep, steps, warmup, result["step_s_median"])
     return result
 
@@ -459,7 +489,14 @@ def _unet_breakdown(models, config, state, batch, state_sh, batch_sh, rep, steps
     loss_fn = ldm.make_loss_fn(models, config, ldm.make_schedule(config))
     keys = tuple(jax.random.split(jax.random.PRNGKey(0), 4))
     p_sh, r_sh = state_sh.params, state_sh.rest
-    args = (state.params, state.rest, None, batch, state.scale_factor, keys)
+    params = state.params
+    if _FLAT_STATE:  # parameters in and gradients out as flat leaves, as in the step
+        from ldm_jax.trainers.common import FlatState
+
+        tree_loss = loss_fn
+        loss_fn = lambda fp, *a: tree_loss(fp.tree(), *a)  # noqa: E731
+        params, p_sh = FlatState.of(params), FlatState.of(p_sh)
+    args = (params, state.rest, None, batch, state.scale_factor, keys)
     in_sh = (p_sh, r_sh, None, batch_sh, rep, rep)
     fwd = jax.jit(loss_fn, in_shardings=in_sh, out_shardings=rep)
     fwd_bwd = jax.jit(jax.value_and_grad(loss_fn), in_shardings=in_sh, out_shardings=(rep, p_sh))
@@ -577,6 +614,10 @@ def main(argv=None) -> None:
                         "(trace written to DIR, viewable in TensorBoard / Perfetto) and report "
                         "device time per kernel, phase and kind (ldm_jax.trace_stats)")
     p.add_argument("--profile-steps", type=int, default=3, metavar="N")
+    p.add_argument("--tree-state", action="store_true",
+                   help="vae / unet: pass the train state to the step as its nnx.State tree (the "
+                        "trainers' old calling convention) instead of flat leaves, to measure the "
+                        "per-call host cost that the flat form removes (see dispatch_s_median)")
     a = p.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.set)
     fn, config, batch, steps = WORKLOADS[a.workload]
@@ -600,8 +641,11 @@ def main(argv=None) -> None:
         p.error("--profile runs the step: not with --compile-only / --flops-only")
     if a.profile_steps < 1:
         p.error("--profile-steps must be >= 1")
-    global _DUMP_HLO
+    global _DUMP_HLO, _FLAT_STATE
     _DUMP_HLO = a.dump_hlo
+    if a.tree_state and a.workload == "sample":
+        p.error("--tree-state is for the training steps (vae, unet)")
+    _FLAT_STATE = not a.tree_state
     _PROFILE.clear()
     if a.profile:
         _PROFILE.update(dir=os.path.abspath(a.profile), steps=a.profile_steps)

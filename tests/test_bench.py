@@ -318,9 +318,9 @@ COMMON_KEYS = ("workload", "config", "batch", "dtype", "steps", "device", "num_d
                "peak_memory_bytes", "flops_source", "flops_breakdown", "xla_cost_analysis_flops")
 EXTRA_KEYS = {
     "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped", "grad_accum_steps",
-                     "remat", "remat_policy"),
+                     "remat", "remat_policy", "state_convention", "dispatch_s_median"),
     "unet_step": ("input_shape", "params", "remat", "remat_policy", "last_loss", "nan_skipped",
-                  "grad_accum_steps"),
+                  "grad_accum_steps", "state_convention", "dispatch_s_median"),
     "sample_ddim": ("sampler", "sampler_steps", "cfg_scale", "output_shape", "finite", "decoded",
                     "note"),
 }
@@ -351,6 +351,9 @@ def _check_result(r: dict, workload: str, batch: int, steps: int) -> None:
     for k in MAY_BE_NONE:
         assert r[k] is None or (isinstance(r[k], (int, float)) and r[k] >= 0), k
     assert r["compile_cache"] in ("off", "miss", "hit")
+    if "dispatch_s_median" in r:  # each call returns before its step is waited for
+        assert r["state_convention"] in ("flat", "tree")
+        assert 0 < r["dispatch_s_median"] <= r["step_s_median"]
     if "remat" in r:  # the policy is recorded exactly when remat is on
         assert r["remat_policy"] in ((None,) if r["remat"] is False else ("full", "minimal")), r
     b = r["flops_breakdown"]
@@ -416,6 +419,12 @@ def test_bench_unet_in_process_and_flops_only(tmp_path, monkeypatch):
     assert all(np.isfinite(v) for k, v in parts.items() if k.endswith("_s") or k == "update_share")
     assert parts["forward_s"] > 0
     assert parts["update_s"] == pytest.approx(parts["step_s"] - parts["forward_backward_s"])
+    # The trainers' flat train state and the nnx.State tree (--tree-state): the same steps.
+    assert r["state_convention"] == "flat"
+    monkeypatch.setattr(bench, "_FLAT_STATE", False)
+    t = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {})
+    assert t["state_convention"] == "tree" and t["last_loss"] == r["last_loss"]
+    monkeypatch.setattr(bench, "_FLAT_STATE", True)
     # Abstract inputs only: the same count, no timing fields.
     f = bench.bench_unet("configs/ldm_f8.py:tiny", 8, 2, 1, {}, flops_only=True)
     assert f["flops_per_step"] == r["flops_per_step"]

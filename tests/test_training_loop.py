@@ -15,7 +15,7 @@ import pytest
 from clu import metrics as clu_metrics
 
 from ldm_jax import checkpointing
-from ldm_jax.trainers.common import run_training_loop
+from ldm_jax.trainers.common import FlatState, flat_step, run_training_loop
 
 Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output("loss"))
 
@@ -73,7 +73,7 @@ def _run(config, start_step=0, fail_at=None, sinks=None):
 
     state = State(step=jnp.int32(start_step), nan_skips=jnp.int32(0))
     result = run_training_loop(
-        config, state=state, start_step=start_step, train_step=train_step, next_batch=next_batch,
+        config, state=state, start_step=start_step, train_step=flat_step(train_step), next_batch=next_batch,
         empty_metrics=Metrics.empty, metrics_sharding=None, writer=writer, ckpt=ckpt, is_main=True,
         progress_keys=("loss",), run_eval=run_eval,
         save=lambda s, step: calls["save"].append((step, int(s.step))),
@@ -148,3 +148,51 @@ def test_error_closes_writer_and_checkpointer(monkeypatch):
     writer, ckpt = sinks
     assert sorted(writer.scalars) == [2]  # what was logged before the error stays written
     assert writer.closed and ckpt.closed and not writer.flushed and restored == [True]
+
+
+def test_flat_state_steps_pass_only_arrays():
+    """``FlatState`` round-trips an NNX train state; a jitted ``flat_step`` takes and returns
+    it with the state's shardings, donates its buffers and compiles once; equal structures
+    share one interned key (the shardings' and the state's), different ones do not."""
+    from flax import nnx
+
+    from ldm_jax import sharding
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.arange(8.0).reshape(8, 1) * jnp.ones((8, 4)))
+            self.b = nnx.Param(jnp.zeros((4,)))
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1))
+    state = {"model": nnx.state(Tiny()), "step": jnp.int32(0)}
+    shardings = jax.tree.map(lambda x: sharding.replicated(mesh), state)
+    state = jax.device_put(state, shardings)
+    flat = FlatState.of(state)
+    assert flat.structure is FlatState.of(shardings).structure
+    assert FlatState.of({"other": 1}).structure is not flat.structure
+    assert all(isinstance(x, jax.Array) for x in flat.leaves) and len(flat.leaves) == 4
+    back = flat.tree()
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    np.testing.assert_array_equal(back["model"]["w"][...], state["model"]["w"][...])
+
+    traces = []
+
+    def step(st, x):
+        traces.append(1)
+        new = jax.tree.map(lambda a: a + x.astype(a.dtype), st)
+        return new, jnp.sum(new["model"]["w"][...])
+
+    flat_sh = FlatState.of(shardings)
+    fn = jax.jit(flat_step(step), in_shardings=(flat_sh, None), out_shardings=(flat_sh, None),
+                 donate_argnums=0)
+    first = flat.leaves[0]
+    flat, total = fn(flat, jnp.float32(1.0))
+    flat, total = fn(flat, jnp.float32(1.0))
+    assert len(traces) == 1  # the second call found the compiled program
+    assert first.is_deleted()  # donated
+    out = flat.tree()
+    assert int(out["step"]) == 2 and int(out["model"]["count"][...]) == 2
+    np.testing.assert_array_equal(out["model"]["w"][...], np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2)
+    assert float(total) == float(np.sum(np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2))
+    assert all(x.sharding == sharding.replicated(mesh) for x in flat.leaves)

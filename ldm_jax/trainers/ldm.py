@@ -34,8 +34,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (dtype, finite_and_norm, init_sharded, log_once,
-                                     lr_schedule, microbatch_mean, param_count,
+from ldm_jax.trainers.common import (FlatState, dtype, finite_and_norm, flat_step, init_sharded,
+                                     log_once, lr_schedule, microbatch_mean, param_count,
                                      prepare_workdir, run_training_loop, tree_where)
 
 
@@ -424,9 +424,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- compiled functions ---------------------------------------------------------------------
     metrics_sh = jax.tree.map(lambda _: rep, TrainMetrics.empty())
     ae_sh = jax.tree.map(lambda a: a.sharding, ae_state) if ae_state is not None else None
-    train_step = jax.jit(make_train_step(models, config, tx, lr_fn, sched),
-                         in_shardings=(state_sh, ae_sh, batch_sh, metrics_sh),
-                         out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 3))
+    flat_sh = FlatState.of(state_sh)
+    train_step = jax.jit(flat_step(make_train_step(models, config, tx, lr_fn, sched)),
+                         in_shardings=(flat_sh, ae_sh, batch_sh, metrics_sh),
+                         out_shardings=(flat_sh, metrics_sh), donate_argnums=(0, 3))
     eval_step = jax.jit(make_eval_step(models, config, sched), out_shardings=rep)
     n_img = -(-config.num_image_samples // mesh.size) * mesh.size
     sample_step = jax.jit(make_sample_fn(models, config, sched, (n_img, *shape)),

@@ -44,8 +44,8 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, Diagona
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import create_lpips
-from ldm_jax.trainers.common import (dtype as _dtype, finite_and_norm, fresh as _fresh, init_sharded,
-                                     lr_schedule, microbatch_mean,
+from ldm_jax.trainers.common import (FlatState, dtype as _dtype, finite_and_norm, flat_step,
+                                     fresh as _fresh, init_sharded, lr_schedule, microbatch_mean,
                                      log_once as _log_once, prepare_workdir, run_training_loop,
                                      tree_where as _tree_where)
 
@@ -346,10 +346,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- compiled functions ----------------------------------------------------------------
     rep = sharding.replicated(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, TrainMetrics.empty())
+    flat_sh = FlatState.of(state_sh)
     train_step = jax.jit(
-        make_train_step(models, config, gen_tx, disc_tx),
-        in_shardings=(state_sh, rep if lpips_state is not None else None, batch_sh, metrics_sh),
-        out_shardings=(state_sh, metrics_sh),
+        flat_step(make_train_step(models, config, gen_tx, disc_tx)),
+        in_shardings=(flat_sh, rep if lpips_state is not None else None, batch_sh, metrics_sh),
+        out_shardings=(flat_sh, metrics_sh),
         donate_argnums=(0, 3))
     eval_step = jax.jit(make_eval_step(models))
 
