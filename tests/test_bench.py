@@ -318,9 +318,11 @@ COMMON_KEYS = ("workload", "config", "batch", "dtype", "steps", "device", "num_d
                "peak_memory_bytes", "flops_source", "flops_breakdown", "xla_cost_analysis_flops")
 EXTRA_KEYS = {
     "vae_gan_step": ("resolution", "lpips", "last_loss", "nan_skipped", "grad_accum_steps",
-                     "remat", "remat_policy", "state_convention", "dispatch_s_median"),
+                     "remat", "remat_policy", "state_convention", "dispatch_s_median",
+                     "step_s_pipelined", "images_per_s_pipelined"),
     "unet_step": ("input_shape", "params", "remat", "remat_policy", "last_loss", "nan_skipped",
-                  "grad_accum_steps", "state_convention", "dispatch_s_median"),
+                  "grad_accum_steps", "state_convention", "dispatch_s_median", "step_s_pipelined",
+                  "images_per_s_pipelined"),
     "sample_ddim": ("sampler", "sampler_steps", "cfg_scale", "output_shape", "finite", "decoded",
                     "note"),
 }
@@ -354,6 +356,7 @@ def _check_result(r: dict, workload: str, batch: int, steps: int) -> None:
     if "dispatch_s_median" in r:  # each call returns before its step is waited for
         assert r["state_convention"] in ("flat", "tree")
         assert 0 < r["dispatch_s_median"] <= r["step_s_median"]
+        assert r["images_per_s_pipelined"] == pytest.approx(r["batch"] / r["step_s_pipelined"])
     if "remat" in r:  # the policy is recorded exactly when remat is on
         assert r["remat_policy"] in ((None,) if r["remat"] is False else ("full", "minimal")), r
     b = r["flops_breakdown"]
