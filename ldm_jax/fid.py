@@ -30,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import scipy.linalg
 
+from ldm_jax.weights_cache import save_npz_atomic
+
 __all__ = [
     "FeatureStats",
     "feature_statistics",
@@ -194,20 +196,14 @@ def save_stats(path: str | os.PathLike, mu, sigma, num_images: int | None = None
     """Write ``mu``/``sigma`` (pytorch-fid's keys), ``num_images`` and, when given, the
     spatial (sFID) statistics ``mu_s``/``sigma_s`` to ``path`` (.npz)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    extra = {} if num_images is None else {"num_images": np.asarray(int(num_images))}
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    if num_images is not None:
+        arrays["num_images"] = np.asarray(int(num_images))
     if (mu_s is None) != (sigma_s is None):
         raise ValueError("save_stats: give both mu_s and sigma_s, or neither")
     if mu_s is not None:
-        extra.update(mu_s=np.asarray(mu_s, np.float64), sigma_s=np.asarray(sigma_s, np.float64))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        arrays.update(mu_s=np.asarray(mu_s, np.float64), sigma_s=np.asarray(sigma_s, np.float64))
+    save_npz_atomic(arrays, path)
     return path
 
 
