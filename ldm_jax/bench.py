@@ -48,6 +48,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 # Dense bf16 peak FLOP/s per device (spec sheets; the H100 figure is SXM dense).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -201,16 +202,25 @@ _DUMP_HLO: str | None = None  # set by --dump-hlo
 _FLAT_STATE = True  # --tree-state: pass the train state to the step as its NNX tree instead
 
 
-def _state_convention(state_sh):
-    """``(wrap the step, convert a state for it, the state's shardings for it)``: the
-    trainers' calling convention (``trainers.common.flat_step``: the state as flat leaves)
-    or, with ``--tree-state``, the train-state tree of ``nnx.State`` nodes itself (what the
-    trainers passed before; its per-call host cost is what the flat form removes)."""
+class _Convention(NamedTuple):
+    """How the bench hands the train state to the step (see ``_state_convention``)."""
+    wrap: Callable  # step function -> the function to jit
+    to_step: Callable  # train-state tree -> the step's state argument
+    from_step: Callable  # the step's state argument -> train-state tree
+    shardings: Any  # the state's shardings in the step's form
+    label: str  # "flat" or "tree", written to the result as state_convention
+
+
+def _state_convention(state_sh) -> _Convention:
+    """The trainers' calling convention (``trainers.common.flat_step``: the state as flat
+    leaves) or, with ``--tree-state``, the train-state tree of ``nnx.State`` nodes itself
+    (what the trainers passed before; its per-call host cost is what the flat form removes)."""
     from ldm_jax.trainers.common import FlatState, flat_step
 
     if _FLAT_STATE:
-        return flat_step, FlatState.of, FlatState.of(state_sh)
-    return (lambda f: f), (lambda s: s), state_sh
+        return _Convention(flat_step, FlatState.of, FlatState.tree, FlatState.of(state_sh), "flat")
+    ident = lambda s: s  # noqa: E731
+    return _Convention(ident, ident, ident, state_sh, "tree")
 
 
 def _breakdown(counted: dict) -> dict:
@@ -358,16 +368,16 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
     models = vae_gan.Models(ae=ae_gd, disc=d_gd, lpips=lp_gd)
     metrics_sh = jax.tree.map(lambda _: rep, vae_gan.TrainMetrics.empty())
     batch_sh = sharding.batch_sharding(mesh)
-    wrap, state_in, st_sh = _state_convention(state_sh)
-    step = jax.jit(wrap(vae_gan.make_train_step(models, config, gen_tx, disc_tx)),
-                   in_shardings=(st_sh, rep, batch_sh, metrics_sh),
-                   out_shardings=(st_sh, metrics_sh), donate_argnums=(0, 3))
+    conv = _state_convention(state_sh)
+    step = jax.jit(conv.wrap(vae_gan.make_train_step(models, config, gen_tx, disc_tx)),
+                   in_shardings=(conv.shardings, rep, batch_sh, metrics_sh),
+                   out_shardings=(conv.shardings, metrics_sh), donate_argnums=(0, 3))
     res = config.model.resolution
     if flops_only:
         image = jax.ShapeDtypeStruct((batch, res, res, 3), np.float32, sharding=batch_sh)
         acc = _abstract(vae_gan.TrainMetrics.empty(), rep)
         return _abstract_only("vae_gan_step", config_spec, config, batch, mesh, step,
-                              (state_in(state), lp_state, {"image": image}, acc), compile_only,
+                              (conv.to_step(state), lp_state, {"image": image}, acc), compile_only,
                               resolution=res, grad_accum_steps=int(config.optim.grad_accum_steps),
                               **_remat_fields(config))
     rng = np.random.default_rng(0)
@@ -375,7 +385,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
               for _ in range(2)]
     acc = jax.device_put(vae_gan.TrainMetrics.empty(), metrics_sh)
     # Disc on, so the full generator + discriminator work is timed.
-    state = state_in(state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep)))
+    state = conv.to_step(state.replace(step=jax.device_put(np.int32(config.loss.disc_start), rep)))
 
     counted = _analytic_flops(step, state, lp_state, {"image": images[0]}, acc)
     compiled, compile_s, cache = _compile(step, state, lp_state, {"image": images[0]}, acc)
@@ -399,7 +409,7 @@ def bench_vae(config_spec: str, batch: int, steps: int, warmup: int, overrides: 
                      compile_cache=cache, **_compiled_stats(compiled, mesh), lpips=msg or "pretrained",
                      last_loss=float(m["loss"]), nan_skipped=float(m["skipped"]),
                      grad_accum_steps=int(config.optim.grad_accum_steps), **_remat_fields(config),
-                     state_convention="flat" if _FLAT_STATE else "tree", **pipelined)
+                     state_convention=conv.label, **pipelined)
     return _profile(run, compiled, result)
 
 
@@ -449,17 +459,17 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     models = ldm.Models(unet=gd, ae=None)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     metrics_sh = jax.tree.map(lambda _: rep, ldm.TrainMetrics.empty())
-    wrap, state_in, st_sh = _state_convention(state_sh)
-    step = jax.jit(wrap(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config))),
-                   in_shardings=(st_sh, None, batch_sh, metrics_sh),
-                   out_shardings=(st_sh, metrics_sh), donate_argnums=(0, 3))
+    conv = _state_convention(state_sh)
+    step = jax.jit(conv.wrap(ldm.make_train_step(models, config, tx, lr_fn, ldm.make_schedule(config))),
+                   in_shardings=(conv.shardings, None, batch_sh, metrics_sh),
+                   out_shardings=(conv.shardings, metrics_sh), donate_argnums=(0, 3))
     key = "image" if config.space == "pixel" else "moments"
     width = shape[-1] if config.space == "pixel" else 2 * shape[-1]
     if flops_only:
         b = {key: jax.ShapeDtypeStruct((batch, *shape[:2], width), np.float32, sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sh)}
         return _abstract_only("unet_step", config_spec, config, batch, mesh, step,
-                              (state_in(state), None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
+                              (conv.to_step(state), None, b, _abstract(ldm.TrainMetrics.empty(), rep)),
                               compile_only, input_shape=list(shape),
                               grad_accum_steps=int(config.optim.grad_accum_steps),
                               params=common.param_count(state.params),
@@ -469,7 +479,7 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
                 "label": jax.device_put(rng.integers(0, max(config.model.num_classes, 1), batch).astype(np.int32),
                                         batch_sh)} for _ in range(2)]
     acc = jax.device_put(ldm.TrainMetrics.empty(), metrics_sh)
-    state = state_in(state)
+    state = conv.to_step(state)
     counted = _analytic_flops(step, state, None, batches[0], acc)
     compiled, compile_s, cache = _compile(step, state, None, batches[0], acc)
     carry = {"state": state, "acc": acc, "i": 0}
@@ -486,17 +496,17 @@ def bench_unet(config_spec: str, batch: int, steps: int, warmup: int, overrides:
     times, total = _time(run, steps, warmup)
     pipelined = _pipelined_fields(run, lambda: jax.block_until_ready(carry["acc"]), steps, batch, dispatch)
     m = jax.device_get(carry["acc"].compute())
-    n_params = common.param_count((carry["state"].tree() if _FLAT_STATE else carry["state"]).params)
+    n_params = common.param_count(conv.from_step(carry["state"]).params)
     result = _report("unet_step", config_spec, config, batch, steps, times, total, compile_s,
                      counted, _cost_flops(compiled), mesh.size, batch, input_shape=list(shape),
                      compile_cache=cache, **_compiled_stats(compiled, mesh), params=int(n_params),
                      **_remat_fields(config), last_loss=float(m["loss"]),
                      nan_skipped=float(m["skipped"]),
                      grad_accum_steps=int(config.optim.grad_accum_steps),
-                     state_convention="flat" if _FLAT_STATE else "tree", **pipelined)
+                     state_convention=conv.label, **pipelined)
     result = _profile(run, compiled, result)
     if breakdown:  # after the report, so the step's peak memory is its own
-        final = carry["state"].tree() if _FLAT_STATE else carry["state"]  # after --profile's steps
+        final = conv.from_step(carry["state"])  # after --profile's steps
         result["breakdown"] = _unet_breakdown(models, config, final, batches[0], state_sh,
                                               batch_sh, rep, steps, warmup, result["step_s_median"])
     return result
