@@ -87,26 +87,45 @@ def _int_keys(tree: Any) -> Any:
     return tree
 
 
-def _restore_tree(path: str) -> Any:
-    """A saved pytree as host numpy arrays, whatever mesh and process count wrote it (orbax
-    refuses a target-less restore across topologies, so the target is the saved metadata
-    on this process's first device)."""
+# orbax >= 0.12 restores a subset of a saved tree's entries (older versions read it all)
+_PARTIAL_RESTORE = "partial_restore" in getattr(ocp.args.PyTreeRestore, "__dataclass_fields__", {})
+
+
+def _restore_tree(path: str, keys: list[str] | tuple[str, ...] | None = None) -> Any:
+    """A saved pytree, or only its top-level entries ``keys``, as host numpy arrays, whatever
+    mesh and process count wrote it.
+
+    Arrays are read straight into host memory (nothing is placed on a device, so a state
+    larger than one device's memory loads too). With ``keys`` the other entries are not
+    read: sampling from an LDM checkpoint reads its EMA parameters, not the raw parameters
+    and the optimizer moments beside them (a quarter of the bytes). Orbax versions without
+    partial restores read everything and the entries are picked afterwards."""
     path = os.path.abspath(path)
-    ckptr = ocp.StandardCheckpointer()
     # The handler's metadata, not the checkpointer's: a trainer checkpoint's item
     # directory (``<step>/state``) has no step metadata file of its own (that sits in
     # ``<step>/``), and the checkpointer warns about it on every load.
     meta = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
     meta = getattr(meta, "tree", meta)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(m):
-        if hasattr(m, "shape") and hasattr(m, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev)
-        return m
-
-    abstract = jax.tree.map(target, meta, is_leaf=lambda m: hasattr(m, "shape"))
-    return _int_keys(jax.tree.map(np.asarray, ckptr.restore(path, abstract)))
+    if keys is not None:
+        if not isinstance(meta, dict) or set(keys) - set(meta):
+            have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+            raise PretrainedError(f"{path} has no {sorted(set(keys) - set(meta or {}))}; it holds {have}")
+        partial = _PARTIAL_RESTORE
+        if partial:
+            meta = {k: meta[k] for k in keys}
+    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+    restore_args = jax.tree.map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray) if is_array(m) else ocp.RestoreArgs(),
+        meta, is_leaf=is_array)
+    item = jax.tree.map(lambda m: 0, meta, is_leaf=is_array)  # the structure to fill
+    args = dict(item=item, restore_args=restore_args)
+    if keys is not None and partial:
+        args["partial_restore"] = True
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(**args))
+    if keys is not None:
+        tree = {k: tree[k] for k in keys}
+    return _int_keys(jax.tree.map(np.asarray, tree))
 
 
 def _latest_step_dir(workdir: str) -> str:
@@ -144,19 +163,21 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
         return meta["config"], params, f"pretrained {path}"
     with open(os.path.join(path, "config.json")) as f:
         run_cfg = json.load(f)
-    step_dir = _latest_step_dir(path)
-    state = _restore_tree(os.path.join(step_dir, "state"))
-    if checkpointing.read_meta(step_dir).get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
-        state = layers.kernels_from_hwio(state)
-    if kind == "autoencoder" and what == "vae_gan":
-        return run_cfg["model"], state["gen_params"]["ae"], f"VAE-GAN checkpoint {step_dir}"
-    if kind == "unet" and what == "ldm":
-        params = state["ema_params"] if use_ema else state["params"]
-        return run_cfg["model"], params, f"LDM checkpoint {step_dir} ({'EMA' if use_ema else 'raw'})"
     if kind == "autoencoder" and what == "ldm":
         # An LDM workdir records where its autoencoder came from.
         return load_params(run_cfg["autoencoder_path"], kind)
-    raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
+    if kind == "autoencoder" and what == "vae_gan":
+        key, desc = "gen_params", "VAE-GAN checkpoint {}"
+    elif kind == "unet" and what == "ldm":
+        key = "ema_params" if use_ema else "params"
+        desc = f"LDM checkpoint {{}} ({'EMA' if use_ema else 'raw'})"
+    else:
+        raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
+    step_dir = _latest_step_dir(path)
+    params = _restore_tree(os.path.join(step_dir, "state"), [key])[key]
+    if checkpointing.read_meta(step_dir).get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
+        params = layers.kernels_from_hwio(params)
+    return run_cfg["model"], params["ae"] if key == "gen_params" else params, desc.format(step_dir)
 
 
 def _check_fits(state: nnx.State, pure: Any, where: str) -> None:

@@ -355,23 +355,46 @@ def test_checkpoint_writes_small_replicated_arrays_whole(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_checkpoint_reads_log_no_warnings(tmp_path, caplog):
+def test_checkpoint_reads_log_no_warnings(tmp_path, caplog, monkeypatch):
     """Loading a trainer checkpoint's state tree (what ``pretrained.load_params`` does with
     a workdir) and registering our array handler log no orbax warnings: orbax warned about
     the step metadata file missing from ``<step>/state`` on every load and about the
-    handler override once per process."""
+    handler override once per process. Arrays come back as host numpy arrays, also from
+    a sharded state, and a restore of some top-level entries reads only those."""
     import logging
 
     from ldm_jax import checkpointing, pretrained
 
-    state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "b": {"x": jax.numpy.ones((4,), jax.numpy.bfloat16)}}
+    mesh = jax.make_mesh((8,), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = {"w": jax.device_put(jax.numpy.arange(16.0).reshape(8, 2), rows),
+             "b": {"x": jax.numpy.ones((4,), jax.numpy.bfloat16)}, "step": jax.numpy.int32(5)}
     ck = Checkpointer(str(tmp_path))
     ck.save(5, state, None, {})
     ck.close()
+    path = os.path.join(str(tmp_path), "checkpoints", "5", "state")
     with caplog.at_level(logging.INFO):
         checkpointing._register_array_handler.__wrapped__()
-        tree = pretrained._restore_tree(os.path.join(str(tmp_path), "checkpoints", "5", "state"))
+        tree = pretrained._restore_tree(path)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert set(tree) == {"w", "b", "step"}
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(jax.device_get(state))):
-        assert a.dtype == b.dtype
+        assert type(a) is np.ndarray and a.dtype == b.dtype  # on the host, not on a device
         np.testing.assert_array_equal(a, b)
+
+    # only some top-level entries (what sampling reads of an LDM checkpoint): only those
+    # are requested from orbax
+    requested = []
+    real, partial = pretrained.ocp.args.PyTreeRestore, pretrained._PARTIAL_RESTORE
+
+    def spy(**kw):
+        requested.append(sorted(kw["item"]))
+        return real(**kw)
+
+    monkeypatch.setattr(pretrained.ocp.args, "PyTreeRestore", spy)
+    part = pretrained._restore_tree(path, ["b", "step"])
+    assert set(part) == {"b", "step"} and int(part["step"]) == 5
+    np.testing.assert_array_equal(part["b"]["x"], np.ones(4, jax.numpy.bfloat16))
+    assert requested == ([["b", "step"]] if partial else [["b", "step", "w"]])
+    with pytest.raises(pretrained.PretrainedError, match=r"has no \['ema_params'\]; it holds \['b', 'step', 'w'\]"):
+        pretrained._restore_tree(path, ["ema_params"])
