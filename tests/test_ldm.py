@@ -345,12 +345,17 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     reader = evaluate._Reader(sources.EmbeddedSource("train"), range(7), 32, full_size=False)
     ref = np.stack([f.result() for f in reader.submit(range(7))])
     reader.close()
-    f_s, f_r = fid.inception_features(inc, images), fid.inception_features(inc, ref)
+    # one direct pass over the samples, the reference photos and those photos as uint8
+    # (an ADM reference batch's arr_0, below): pool3 and the sFID spatial features
+    ref_u8 = np.asarray(np.round((np.asarray(ref, np.float32) + 1) * 127.5), np.uint8)
+    inc_gd, inc_st = nnx.split(inc)
+    direct = jax.jit(lambda x: nnx.merge(inc_gd, inc_st).features(x))(
+        np.concatenate([fid.to_inception_input(a) for a in (images, ref, ref_u8)]))
+    pool, spat = np.asarray(direct["pool"], np.float32), np.asarray(direct["spatial"])
+    f_s, f_r, f_u8 = pool[:12], pool[12:19], pool[19:]
+    sp_s, sp_r = spat[:12], spat[12:19]
     want_fid = fid.frechet_distance(*fid.feature_statistics(f_s), *fid.feature_statistics(f_r), method="eigh")
     np.testing.assert_allclose(m["fid"], want_fid, rtol=1e-4)
-    inc_gd, inc_st = nnx.split(inc)
-    spatial = jax.jit(lambda x: nnx.merge(inc_gd, inc_st).features(x)["spatial"])
-    sp_s, sp_r = (np.asarray(spatial(fid.to_inception_input(a))) for a in (images, ref))
     assert sp_s.shape == (12, 2023)
     want_sfid = fid.frechet_distance(*fid.feature_statistics(sp_s), *fid.feature_statistics(sp_r),
                                      method="eigh")
@@ -387,7 +392,6 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     assert m3["sfid"] is None and any("sFID skipped" in w for w in m3["warnings"])
     # an ADM reference batch: mu / sigma, the spatial mu_s / sigma_s (sFID) and the images
     # arr_0 (uint8), whose Inception features give precision / recall
-    ref_u8 = np.asarray(np.round((np.asarray(ref, np.float32) + 1) * 127.5), np.uint8)
     np.savez(tmp / "adm_ref.npz", arr_0=ref_u8, mu=fid.feature_statistics(f_r)[0],
              sigma=fid.feature_statistics(f_r)[1], mu_s=fid.feature_statistics(sp_r)[0],
              sigma_s=fid.feature_statistics(sp_r)[1])
@@ -396,7 +400,7 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
         m4 = json.load(f)
     np.testing.assert_allclose([m4["fid"], m4["sfid"]], [want_fid, want_sfid], rtol=1e-4)
     np.testing.assert_allclose([m4["precision"], m4["recall"]],
-                               gen_metrics.precision_recall(fid.inception_features(inc, ref_u8), f_s, k=2))
+                               gen_metrics.precision_recall(f_u8, f_s, k=2))
     assert m4["pr_num_reference"] == 7
     # statistics of other features: refused before any sampling
     bad = fid.save_stats(tmp / "bad.npz", np.zeros(64), np.eye(64))
