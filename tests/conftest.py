@@ -69,8 +69,10 @@ def save_test_autoencoder(directory: str, cfg) -> str:
     from ldm_jax.models.autoencoder import AutoencoderKL
     from ldm_jax.trainers.common import one_shot_compiler_options
 
-    params = jax.jit(lambda: nnx.state(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), nnx.Param),
-                     compiler_options=one_shot_compiler_options())()
+    def init():
+        return nnx.state(AutoencoderKL(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    params = jax.jit(init, compiler_options=one_shot_compiler_options(jax.eval_shape(init)))()
     fields = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     pretrained.save_pretrained(directory, "autoencoder", fields, params, source="test")
     return directory

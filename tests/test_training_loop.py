@@ -196,3 +196,20 @@ def test_flat_state_steps_pass_only_arrays():
     np.testing.assert_array_equal(out["model"]["w"][...], np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2)
     assert float(total) == float(np.sum(np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2))
     assert all(x.sharding == sharding.replicated(mesh) for x in flat.leaves)
+
+
+def test_one_shot_compiler_options_by_output_size():
+    """CPU inits compile unoptimised only while their outputs are small: a large one (the
+    SD autoencoder's 83.7M parameters) runs much longer unoptimised than it saves."""
+    from ldm_jax.trainers.common import ONE_SHOT_O0_MAX_ELEMENTS, one_shot_compiler_options
+
+    assert jax.default_backend() == "cpu"
+    small = {"a": jax.ShapeDtypeStruct((1000, 3000), jnp.float32), "b": np.zeros((10,), np.float32)}
+    assert one_shot_compiler_options(small) == {"xla_backend_optimization_level": 0}
+    n = ONE_SHOT_O0_MAX_ELEMENTS
+    assert one_shot_compiler_options([jax.ShapeDtypeStruct((n,), jnp.float32)]) is not None
+    assert one_shot_compiler_options([jax.ShapeDtypeStruct((n // 2 + 1,), jnp.bfloat16)] * 2) is None
+    # a real init: options as given, and the program compiles and runs with them
+    init = lambda: jax.random.normal(jax.random.PRNGKey(0), (4, 8))  # noqa: E731
+    out = jax.jit(init, compiler_options=one_shot_compiler_options(jax.eval_shape(init)))()
+    np.testing.assert_allclose(out, init(), rtol=1e-6, atol=1e-6)
