@@ -85,11 +85,14 @@ def padded_labels(labels, i: int, batch: int):
 
 def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
                   eta: float | None = None, cfg_scale: float | None = None, classes: str = "",
-                  size: int = 0, batch: int = 0, tile_overlap: int = 8, use_ema: bool = True):
+                  size: int = 0, batch: int = 0, tile_overlap: int | None = None, use_ema: bool = True):
     """``(trained, batches)``: ``batches`` yields ``(uint8 images [n, H, W, 3], labels [n])``
     global batch by global batch (on every process), ``num`` images in all, so any number of
     samples can be written out without holding them in host memory. Batch ``i`` draws with
-    ``fold_in(seed, i)``: the images do not depend on how they are consumed."""
+    ``fold_in(seed, i)``: the images do not depend on how they are consumed.
+
+    A ``size`` other than the training resolution is decoded in tiles of the training
+    latent size that overlap by ``tile_overlap`` latents (default: a quarter of a tile)."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -112,8 +115,12 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
                       cfg_scale=cfg_scale, latent_hw=hw)
     labels = labels_for(classes, num, int(config.model.num_classes))
     decode_tile = None
+    th = tr.latent_shape[0]
+    overlap = th // 4 if tile_overlap is None else int(tile_overlap)
+    if bs.tiled and not 0 <= overlap < th:
+        raise ValueError(f"--tile_overlap must be in [0, {th}) (the decoding tile is the training "
+                         f"latent size, {th}), got {tile_overlap}")
     if bs.tiled:
-        th = tr.latent_shape[0]
         jitted = jax.jit(lambda st, z: ldm.decode(tr.models, config, st, z, 1.0))
         decode_tile = lambda z: jitted(bs._state[2], z)  # noqa: E731
 
@@ -124,7 +131,7 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
             res = np.asarray(multihost_utils.process_allgather(res, tiled=True))
             if bs.tiled:
                 res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
-                                          overlap=min(tile_overlap, th - 1))
+                                          overlap=overlap)
             n = min(bs.batch, num - i * bs.batch)
             yield mw.to_uint8(res[:n]), labels[i * bs.batch:i * bs.batch + n]
 

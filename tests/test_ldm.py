@@ -261,6 +261,8 @@ def test_sampling_is_seeded_and_tiled_for_large_sizes(trained):
     assert not np.array_equal(a, c)
     big, _, _ = sample.sample_images(workdir, num=8, seed=3, steps=3, size=64)
     assert big.shape == (8, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"--tile_overlap must be in \[0, 8\)"):
+        sample.sample_images(workdir, num=8, seed=3, steps=3, size=64, tile_overlap=8)
 
 
 def test_init_from_a_trained_ldm(trained, ae_dir, tmp_path):
