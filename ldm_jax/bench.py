@@ -572,13 +572,12 @@ def bench_sample(config_spec: str, batch: int, steps: int, warmup: int, override
     ae_gd = ae_state = None
     if latent:
         def make_ae():
-            return nnx.split(AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype), rngs=nnx.Rngs(0)))[1]
+            return AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype), rngs=nnx.Rngs(0))
 
-        ae_shapes = jax.eval_shape(make_ae)
-        ae_gd = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(ae_cfg, dtype=common.dtype(config.dtype),
-                                                                  rngs=nnx.Rngs(0))))
+        ae_gd, ae_shapes = nnx.split(nnx.eval_shape(make_ae))
         ae_state = ae_shapes if flops_only else jax.jit(
-            make_ae, out_shardings=rep, compiler_options=common.one_shot_compiler_options(ae_shapes))()
+            lambda: nnx.split(make_ae())[1], out_shardings=rep,
+            compiler_options=common.one_shot_compiler_options(ae_shapes))()
     tx, _ = ldm.make_optimizer(config)
     # (flops_only: the train state's shapes and shardings (FSDP), as in the timing run)
     gd, state, _ = ldm.create_train_state(config, mesh, tx, shape[-1], 0.18215, abstract=flops_only)

@@ -110,17 +110,15 @@ def _restore_tree(path: str, keys: list[str] | tuple[str, ...] | None = None) ->
         if not isinstance(meta, dict) or set(keys) - set(meta):
             have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
             raise PretrainedError(f"{path} has no {sorted(set(keys) - set(meta or {}))}; it holds {have}")
-        partial = _PARTIAL_RESTORE
-        if partial:
-            meta = {k: meta[k] for k in keys}
+    partial = keys is not None and _PARTIAL_RESTORE
+    if partial:
+        meta = {k: meta[k] for k in keys}
     is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
     restore_args = jax.tree.map(
         lambda m: ocp.RestoreArgs(restore_type=np.ndarray) if is_array(m) else ocp.RestoreArgs(),
         meta, is_leaf=is_array)
     item = jax.tree.map(lambda m: 0, meta, is_leaf=is_array)  # the structure to fill
-    args = dict(item=item, restore_args=restore_args)
-    if keys is not None and partial:
-        args["partial_restore"] = True
+    args = dict(item=item, restore_args=restore_args, **({"partial_restore": True} if partial else {}))
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(**args))
     if keys is not None:

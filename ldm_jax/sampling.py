@@ -117,10 +117,10 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
     decode_tile = None
     th = tr.latent_shape[0]
     overlap = th // 4 if tile_overlap is None else int(tile_overlap)
-    if bs.tiled and not 0 <= overlap < th:
-        raise ValueError(f"--tile_overlap must be in [0, {th}) (the decoding tile is the training "
-                         f"latent size, {th}), got {tile_overlap}")
     if bs.tiled:
+        if not 0 <= overlap < th:
+            raise ValueError(f"--tile_overlap must be in [0, {th}) (the decoding tile is the training "
+                             f"latent size, {th}), got {tile_overlap}")
         jitted = jax.jit(lambda st, z: ldm.decode(tr.models, config, st, z, 1.0))
         decode_tile = lambda z: jitted(bs._state[2], z)  # noqa: E731
 
