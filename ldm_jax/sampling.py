@@ -92,7 +92,8 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
     ``fold_in(seed, i)``: the images do not depend on how they are consumed.
 
     A ``size`` other than the training resolution is decoded in tiles of the training
-    latent size that overlap by ``tile_overlap`` latents (default: a quarter of a tile)."""
+    latent size that overlap by ``tile_overlap`` latents (default: a quarter of a tile),
+    four tiles per device per call, split over all devices."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -131,7 +132,8 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
             res = np.asarray(multihost_utils.process_allgather(res, tiled=True))
             if bs.tiled:
                 res = tiling.decode_tiled(decode_tile, res / float(tr.scale_factor), factor=f, tile=th,
-                                          overlap=overlap)
+                                          overlap=overlap, tiles_per_call=4 * bs.mesh.size,
+                                          sharding=bs.batch_sh)
             n = min(bs.batch, num - i * bs.batch)
             yield mw.to_uint8(res[:n]), labels[i * bs.batch:i * bs.batch + n]
 

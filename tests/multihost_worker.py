@@ -11,7 +11,10 @@ of ``spec["trainer"]`` (``vae_gan``, default, on ``configs/vae_f8.py:tiny``, or 
 positions and an md5 of every image (or cached latent) this process fed to the step.
 With ``spec["sample"] = {"num", "steps", "seed"}`` it then samples from the trained LDM
 with ``ldm_jax.sampling.sample_images`` on all processes and process 0 saves the images
-to ``<spec["out"]>.samples.npy``.
+to ``<spec["out"]>.samples.npy``. With ``spec["tiled"]`` it decodes a seeded random latent
+[3, 20, 14, 4] with ``ldm_jax.tiling.decode_tiled`` and a per-latent decoder (a fixed
+4 -> 3 channel map, upsampled 2x), the tiles split over the global mesh, and process 0
+saves the result to ``<spec["out"]>.tiled.npy``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def main() -> None:
         images, _, _ = sample_images(spec["workdir"], **spec["sample"])
         if jax.process_index() == 0:
             np.save(f"{spec['out']}.samples.npy", images)
+    if spec.get("tiled"):
+        import jax.numpy as jnp
+        import numpy as np
+
+        from ldm_jax import sharding, tiling
+
+        z = np.random.default_rng(0).normal(size=(3, 20, 14, 4)).astype(np.float32)
+        w = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+        dec = jax.jit(lambda t: jnp.repeat(jnp.repeat(jnp.einsum("bhwc,cd->bhwd", t, w), 2, 1), 2, 2))
+        mesh = sharding.make_mesh(dict(data=-1, fsdp=1))
+        tiled = tiling.decode_tiled(dec, z, factor=2, tile=8, overlap=2, tiles_per_call=3,
+                                    sharding=sharding.batch_sharding(mesh))
+        if jax.process_index() == 0:
+            np.save(f"{spec['out']}.tiled.npy", tiled)
     out = dict(history={str(k): v for k, v in result["history"].items()}, batches=batches,
                process_index=jax.process_index(), process_count=jax.process_count(),
                device_count=jax.device_count(), final_step=result["final_step"])

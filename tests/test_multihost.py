@@ -296,7 +296,8 @@ def test_ldm_two_processes_with_cache_and_sampling_then_resume_in_one(ldm_refere
     steps on it, save, and sample; one 8-device process then samples the same images from
     that checkpoint, reuses the 2-part cache and continues. Both processes fed disjoint
     halves of each global batch of the process-count-independent cache stream, and the
-    whole run matches the uninterrupted 8-device run."""
+    whole run matches the uninterrupted 8-device run. Tiled decoding split over both
+    processes' devices blends to the whole decode."""
     from ldm_jax.sampling import sample_images
     from ldm_jax.trainers import latent_cache, ldm
 
@@ -305,7 +306,7 @@ def test_ldm_two_processes_with_cache_and_sampling_then_resume_in_one(ldm_refere
     sample = dict(num=8, steps=3, seed=3)
     spec = dict(trainer="ldm", workdir=workdir, out=str(tmp_path / "result"),
                 cache=jax.config.jax_compilation_cache_dir or "",
-                overrides=ldm_overrides(FSDP, ae_dir, num_train_steps=2), sample=sample)
+                overrides=ldm_overrides(FSDP, ae_dir, num_train_steps=2), sample=sample, tiled=True)
     t0 = time.time()
     r0, r1 = run_processes(2, spec, timeout=600)
     print(f"2-process LDM run: {time.time() - t0:.0f}s")
@@ -344,6 +345,12 @@ def test_ldm_two_processes_with_cache_and_sampling_then_resume_in_one(ldm_refere
     one, _, _ = sample_images(workdir, **sample)
     assert two.shape == one.shape == (8, 32, 32, 3)
     assert np.abs(two.astype(int) - one.astype(int)).max() <= 1
+    # Tiled decoding with the tiles split over both processes' devices (the worker's
+    # per-latent decoder): the same image as decoding the whole latent at once.
+    z = np.random.default_rng(0).normal(size=(3, 20, 14, 4)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    whole = np.repeat(np.repeat(np.einsum("bhwc,cd->bhwd", z, w), 2, 1), 2, 2)
+    np.testing.assert_allclose(np.load(str(tmp_path / "result.tiled.npy")), whole, atol=1e-5)
 
     part = os.path.join(cache.directory, "part_1-of-2.moments.npy")
     mtime = os.path.getmtime(part)

@@ -37,6 +37,33 @@ def test_local_decoder_blends_exactly():
         np.testing.assert_allclose(tiled, full, atol=1e-5)
 
 
+def test_sharded_tiles_split_over_the_mesh_and_blend_the_same():
+    """With a batch sharding every call's tiles are split over the 8 devices (tiles per call
+    rounded up to a multiple of 8), and the blended result is the unsharded one."""
+    from ldm_jax import sharding
+
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1))
+    batch_sh = sharding.batch_sharding(mesh)
+    f = 2
+    w = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    jitted = jax.jit(lambda z: jnp.repeat(jnp.repeat(jnp.einsum("bhwc,cd->bhwd", z, w), f, 1), f, 2))
+    seen = []
+
+    def dec(tiles):
+        seen.append((tiles.shape[0], tiles.sharding))
+        return jitted(tiles)
+
+    z = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 20, 14, 4)))
+    plain = tiling.decode_tiled(jitted, z, factor=f, tile=8, overlap=2, tiles_per_call=3)
+    split = tiling.decode_tiled(dec, z, factor=f, tile=8, overlap=2, tiles_per_call=3, sharding=batch_sh)
+    np.testing.assert_array_equal(split, plain)
+    n_tiles = 3 * len(tiling.tile_starts(20, 8, 2)) * len(tiling.tile_starts(14, 8, 2))
+    assert len(seen) == -(-n_tiles // 8)
+    for n, sh in seen:
+        assert n == 8 and sh.is_equivalent_to(batch_sh, 4)
+    assert tiling._shard_count(sharding.replicated(mesh)) == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_ae():
     cfg = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32)
