@@ -165,9 +165,9 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
         # An LDM workdir records where its autoencoder came from.
         return load_params(run_cfg["autoencoder_path"], kind)
     if kind == "autoencoder" and what == "vae_gan":
-        key, desc = "gen_params", "VAE-GAN checkpoint {}"
+        key, sub, desc = "gen_params", "ae", "VAE-GAN checkpoint {}"  # gen_params: {ae, logvar}
     elif kind == "unet" and what == "ldm":
-        key = "ema_params" if use_ema else "params"
+        key, sub = ("ema_params" if use_ema else "params"), None
         desc = f"LDM checkpoint {{}} ({'EMA' if use_ema else 'raw'})"
     else:
         raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
@@ -175,7 +175,7 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
     params = _restore_tree(os.path.join(step_dir, "state"), [key])[key]
     if checkpointing.read_meta(step_dir).get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
         params = layers.kernels_from_hwio(params)
-    return run_cfg["model"], params["ae"] if key == "gen_params" else params, desc.format(step_dir)
+    return run_cfg["model"], params if sub is None else params[sub], desc.format(step_dir)
 
 
 def _check_fits(state: nnx.State, pure: Any, where: str) -> None:
