@@ -15,7 +15,8 @@ Inception Score, precision / recall; the reference statistics computed once for 
 Writes a markdown table: training images/s and step time (from the trainers' progress
 log), peak device memory, sampling images/s, and the sample-quality metrics. Without the
 FID Inception weights, ``--random_inception`` scores with a randomly initialised Inception
-(clearly labelled; only for smoke runs).
+(clearly labelled; only for smoke runs). The runs write no sample grids of their own
+(``num_image_samples=0``; ``--set num_image_samples=16`` turns them back on).
 """
 
 from __future__ import annotations
@@ -163,7 +164,9 @@ def main(argv=None) -> dict:
     from ldm_jax.convert.inception_weights import create_inception, save_inception_npz
     from ldm_jax.models.inception import FIDInceptionV3
 
-    overrides = dict(kv.split("=", 1) for kv in a.set)
+    # The runs' own sample grids would add a sampler compile and a sampling pass to each
+    # run's wall time; this command samples and scores on its own (``--set`` may turn them on).
+    overrides = {"num_image_samples": "0", **dict(kv.split("=", 1) for kv in a.set)}
     inception_weights = a.inception_weights
     if a.random_inception:
         os.makedirs(a.workdir, exist_ok=True)

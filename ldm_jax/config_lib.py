@@ -115,7 +115,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
     c.num_eval_images = 64
     c.eval_batch_size = 8
     c.image_every_steps = 5_000
-    c.num_image_samples = 8
+    c.num_image_samples = 8  # reconstructions in each grid; 0: no grids
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
@@ -268,7 +268,8 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
                         num_devices: int | None, counts: tuple[str, ...] = ()) -> None:
     """The checks every trainer's config shares, so that all report them alike, in order:
 
-    * each ``INTERVAL_KEYS`` interval, then each key in ``counts``, is >= 1;
+    * each ``INTERVAL_KEYS`` interval, then each key in ``counts``, is >= 1, and
+      ``num_image_samples`` >= 0;
     * ``data.source`` is one of ``DATA_SOURCES``; a ``folder`` source needs ``data.path``
       and a ``tfds`` one ``data.tfds_name``;
     * with ``num_devices``, ``global_batch_size`` and ``eval_batch_size`` are divisible by it;
@@ -278,6 +279,7 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
     """
     for k in INTERVAL_KEYS + tuple(counts):
         need(c[k] >= 1, f"{k} must be >= 1")
+    need(c.num_image_samples >= 0, "num_image_samples must be >= 0 (0: no image grids)")
     need(c.data.source in DATA_SOURCES,
          f"data.source must be 'embedded', 'folder' or 'tfds', got {c.data.source!r}")
     if c.data.source == "folder":
@@ -441,7 +443,7 @@ def ldm_base_config() -> ml_collections.ConfigDict:
     c.num_eval_images = 256
     c.eval_batch_size = 64
     c.image_every_steps = 5_000
-    c.num_image_samples = 16
+    c.num_image_samples = 16  # samples in each grid; 0: no grids
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
@@ -544,5 +546,5 @@ def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = 
     need(c.optim.lr > 0 and c.optim.warmup_steps >= 0 and c.optim.grad_clip_norm >= 0,
          "optim.lr must be > 0, warmup_steps and grad_clip_norm >= 0")
     _check_run_settings(c, need, num_devices,
-                        ("keep_checkpoints", "num_image_samples", "num_eval_images"))
+                        ("keep_checkpoints", "num_eval_images"))
     _raise_if_invalid(errors)

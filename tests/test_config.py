@@ -119,6 +119,7 @@ def test_group_replaced_by_scalar_rejected():
         ("optim.b1", 1.0, "b1"),
         ("optim.lr_decay", "step", "lr_decay.*step"),
         ("optim.min_lr_ratio", 1.5, "min_lr_ratio"),
+        ("num_image_samples", -1, r"num_image_samples must be >= 0 \(0: no image grids\)"),
         ("trainer", "ldm", "ldm"),
     ],
 )

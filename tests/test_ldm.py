@@ -298,6 +298,8 @@ def test_latent_vs_pixel_report(ae_dir, tmp_path):
         assert r["inception_score"] >= 1.0 - 1e-9 and r["num_reference"] == 2  # the held-out photos
         assert r["precision"] is None  # 2 reference images: too few for k = 3 manifolds
     assert len(os.listdir(tmp_path / "wd" / "reference_stats")) == 1  # computed once for both runs
+    for run in ("latent", "pixel"):  # the runs' own sample grids are off (num_image_samples=0)
+        assert not os.path.exists(tmp_path / "wd" / run / "images")
     text = open(out).read()
     assert "| sampling img/s | FID | sFID | IS | precision | recall |" in text
     assert "| latent | latent | 8x8x4 |" in text and "| pixel | pixel | 32x32x3 |" in text

@@ -244,17 +244,19 @@ def test_sigterm_saves_and_resumes(tmp_path):
 
 def test_init_from_pretrained_autoencoder(tmp_path):
     """config.init_from starts the autoencoder from a converted/pretrained directory (the
-    fine-tuning path); weights of another architecture fail with the list of mismatches."""
+    fine-tuning path); weights of another architecture fail with the list of mismatches.
+    (With num_image_samples=0 the run writes no reconstruction grids.)"""
     from ldm_jax import pretrained
     from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
-    config = tiny_config(num_train_steps=1, **{"optim.base_lr": 1e-12})
+    config = tiny_config(num_train_steps=1, num_image_samples=0, **{"optim.base_lr": 1e-12})
     ae = build_numpy_init(
         lambda: AutoencoderKL(AutoencoderConfig.from_dict(config.model), rngs=nnx.Rngs(0)), seed=123)
     src = str(tmp_path / "pre")
     pretrained.save_pretrained(src, "autoencoder", config.model.to_dict(), nnx.state(ae, nnx.Param))
     config.init_from = src
     vae_gan.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "images")
     restored, _ = restore_vae_gan_state(str(tmp_path / "run"), config)
     want = nnx.to_pure_dict(nnx.state(ae, nnx.Param))
     got = restored["gen_params"]["ae"]

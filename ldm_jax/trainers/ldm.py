@@ -429,10 +429,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          in_shardings=(flat_sh, ae_sh, batch_sh, metrics_sh),
                          out_shardings=(flat_sh, metrics_sh), donate_argnums=(0, 3))
     eval_step = jax.jit(make_eval_step(models, config, sched), out_shardings=rep)
-    n_img = -(-config.num_image_samples // mesh.size) * mesh.size
-    sample_step = jax.jit(make_sample_fn(models, config, sched, (n_img, *shape)),
-                          out_shardings=batch_sh)
-    sample_labels = jax.device_put(np.arange(n_img, dtype=np.int32) % max(num_classes, 1), batch_sh)
+    if config.num_image_samples > 0:  # 0: no sample grids (nothing compiled for them)
+        n_img = -(-config.num_image_samples // mesh.size) * mesh.size
+        sample_step = jax.jit(make_sample_fn(models, config, sched, (n_img, *shape)),
+                              out_shardings=batch_sh)
+        sample_labels = jax.device_put(np.arange(n_img, dtype=np.int32) % max(num_classes, 1), batch_sh)
 
     def run_eval(state: TrainState, step: int) -> dict:
         losses = []
@@ -469,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_step=lambda st, batch, acc: train_step(st, ae_state, batch, acc), next_batch=next_batch,
         empty_metrics=TrainMetrics.empty, metrics_sharding=metrics_sh, writer=writer, ckpt=ckpt,
         is_main=is_main, progress_keys=("loss",), run_eval=run_eval, save=save,
-        write_images=write_samples)
+        write_images=write_samples if config.num_image_samples > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------

@@ -369,8 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if "eval/lpips" in result and not lpips_pretrained:
             result["eval/lpips_random_vgg"] = result.pop("eval/lpips")
         writer.write_scalars(step, result)
-        if first is not None and (step % config.image_every_steps == 0
-                                  or step == config.num_train_steps):
+        if first is not None and config.num_image_samples > 0 and (
+                step % config.image_every_steps == 0 or step == config.num_train_steps):
             k = config.num_image_samples
             orig, rec = (multihost_utils.process_allgather(a, tiled=True)[:k] for a in first)
             grid = mw.image_grid([mw.to_uint8(orig), mw.to_uint8(rec)])
