@@ -7,12 +7,16 @@
 Uses the EMA weights of the workdir's latest checkpoint (``--noema`` for the raw ones),
 batched over all devices. ``--size`` larger than the training resolution samples a larger
 latent (the U-Net is convolutional) and decodes it with overlapping tiles
-(``ldm_jax.tiling.decode_tiled``). Writes ``samples_<step>_<sampler><steps>_s<seed>.npz``
-(``images``: uint8 [num, H, W, 3], ``labels``: int32 [num]), a PNG grid of the first
-``--grid`` images, and with ``--pngs`` every image as ``<same name>/<index>.png`` (the
-folder layout FID tools such as pytorch-fid and clean-fid read). Images are written batch
-by batch, so ``--num=50000`` needs no more host memory than one batch; files appear
-complete or not at all.
+(``ldm_jax.tiling.decode_tiled``). Writes ``samples_<tag>.npz`` (``images``: uint8
+[num, H, W, 3], ``labels``: int32 [num]), a PNG grid of the first ``--grid`` images,
+``samples_<tag>.json`` (the checkpoint, sampler settings, size, decoding and scale factor
+that made them), and with ``--pngs`` every image as ``samples_<tag>/<index>.png`` (the
+folder layout FID tools such as pytorch-fid and clean-fid read). The tag names every
+setting that changes the images (``ldm_jax.sampling.settings_tag``, e.g.
+``00050000_ddim50_cfg3_c207-360_s1_n64``), so a sweep over guidance scales, classes or
+sizes never overwrites earlier files. Images are written batch by batch, so
+``--num=50000`` needs no more host memory than one batch; files appear complete or not
+at all.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ def main(argv):
 
     from ldm_jax import metric_writers as mw
     from ldm_jax.sampling import NpzStream, sample_stream
+    from ldm_jax.weights_cache import save_json_atomic
 
     try:
-        tr, batches = sample_stream(
+        tr, batches, info = sample_stream(
             _WORKDIR.value, num=_NUM.value, seed=_SEED.value, steps=_STEPS.value, sampler=_SAMPLER.value,
             eta=_ETA.value, cfg_scale=_CFG.value, classes=_CLASS.value, size=_SIZE.value,
             batch=_BATCH.value, tile_overlap=_TILE.value, use_ema=not _NOEMA.value)
@@ -62,8 +67,7 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     is_main = jax.process_index() == 0  # every process samples; the first one writes
     out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
-    s = tr.config.sampling
-    tag = f"{tr.step:08d}_{_SAMPLER.value or s.sampler}{_STEPS.value or s.num_steps}_s{_SEED.value}"
+    tag = info["tag"]
     npz = os.path.join(out_dir, f"samples_{tag}.npz")
     png_dir = os.path.join(out_dir, f"samples_{tag}")
     if is_main:
@@ -89,6 +93,9 @@ def main(argv):
         written.append(png)
     if _PNGS.value:
         written.append(f"{png_dir}/ ({done} PNGs)")
+    settings = os.path.join(out_dir, f"samples_{tag}.json")
+    save_json_atomic({"workdir": os.path.abspath(_WORKDIR.value), **info}, settings)
+    written.append(settings)
     logging.info("wrote %s (%d images of %s)", ", ".join(written), done, images.shape[1:])
 
 

@@ -18,7 +18,8 @@ The reference set is ``--data``: ``train`` (default: the data the LDM was traine
 training split), ``eval`` (its held-out split) or any spec of the autoencoder evaluation
 (``embedded``, ``folder:/path[:eval|:all]``, ``tfds:name[:split]``), each image resized
 (shorter side) and center-cropped to the sample resolution. Its statistics are cached in
-the output directory, or ``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma``, the
+``WORKDIR/eval/reference_stats`` (shared by evaluations with any sampler settings), or
+``cache_dir`` (``reference_<key>.npz``: ``mu``, ``sigma``, the
 spatial ``mu_s``, ``sigma_s`` and the features kept for precision / recall; the key covers
 the data, resolution, image count and Inception weights), and ``--ref_stats FILE`` uses a
 precomputed file instead (ours, pytorch-fid's ``mu`` / ``sigma`` npz, or an ADM reference
@@ -26,8 +27,10 @@ batch: ``mu_s`` / ``sigma_s`` too, and its images ``arr_0``, whose first ``--pr_
 scored for precision / recall; without spatial statistics in it sFID is skipped, without
 features or images precision / recall are).
 
-Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>``, or
-``samples_<stats file name>`` with ``--ref_stats``):
+Reported in ``metrics.json`` (output dir default ``WORKDIR/eval/samples_<data>_<tag>``,
+or ``samples_<stats file name>_<tag>`` with ``--ref_stats``; the tag names the checkpoint
+step and every sampler setting, ``ldm_jax.sampling.settings_tag``, so evaluations with
+other settings, e.g. a guidance-scale sweep, keep their own results):
 ``fid``; ``sfid`` (the Fréchet distance of the 2023-d spatial features of
 ``FIDInceptionV3.features``, as in the ADM evaluator); ``inception_score`` and its std over
 10 splits (``ldm_jax.gen_metrics``);
@@ -202,7 +205,7 @@ def evaluate_generation(
     reference ``data``; writes ``metrics.json`` and ``samples.png`` to ``out_dir`` and
     returns the metrics. See the module docstring."""
     from ldm_jax.convert.inception_weights import create_inception
-    from ldm_jax.sampling import BatchSampler, labels_for, padded_labels
+    from ldm_jax.sampling import BatchSampler, labels_for, padded_labels, sampler_settings, settings_tag
     from ldm_jax.trainers import ldm
 
     t0 = time.time()
@@ -239,7 +242,9 @@ def evaluate_generation(
     # named after what the samples are scored against: the data, or the statistics file
     ref_name = (os.path.splitext(os.path.basename(reference_stats))[0] if reference_stats else data)
     tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in ref_name).strip("_") or "data"
-    out_dir = out_dir or os.path.join(workdir, "eval", f"samples_{tag}")
+    settings = settings_tag(tr, num=num_samples, seed=seed, steps=steps, sampler=sampler, eta=eta,
+                            cfg_scale=cfg_scale, classes=classes, use_ema=use_ema)
+    out_dir = out_dir or os.path.join(workdir, "eval", f"samples_{tag}_{settings}")
     os.makedirs(out_dir, exist_ok=True)
 
     ref_features = None
@@ -279,7 +284,8 @@ def evaluate_generation(
         ident.update(resolution=resolution, num=n_ref, pr_num=pr_num if precision_recall else 0,
                      inception=_fingerprint(inc), spatial="mixed_6/conv:7")
         key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        ref_cache = os.path.join(cache_dir or out_dir, f"reference_{key}.npz")
+        ref_cache = os.path.join(cache_dir or os.path.join(workdir, "eval", "reference_stats"),
+                                 f"reference_{key}.npz")
         if os.path.isfile(ref_cache):
             mu_r, sigma_r = load_stats(ref_cache)
             ref_spatial = load_spatial_stats(ref_cache)
@@ -375,7 +381,6 @@ def evaluate_generation(
             warnings_out.append(f"precision/recall skipped: {n_pr_s} samples (need > {pr_k})")
         else:
             precision, recall = gen_metrics.precision_recall(real, fake, k=pr_k)
-    s = tr.config.sampling
     result: dict[str, Any] = {
         "kind": "generation",
         "workdir": os.path.abspath(workdir),
@@ -383,12 +388,8 @@ def evaluate_generation(
         "weights": "ema" if use_ema else "raw",
         "space": tr.config.space,
         "resolution": int(resolution),
-        "sampler": {"name": sampler or s.sampler, "steps": int(steps or s.num_steps),
-                    "eta": float(s.eta if eta is None else eta),
-                    "cfg_scale": float(s.cfg_scale if cfg_scale is None else cfg_scale)
-                    if int(tr.config.model.num_classes) else None,
-                    "classes": classes or ("all, in turn" if int(tr.config.model.num_classes) else None),
-                    "seed": int(seed), "batch": int(bs.batch)},
+        "sampler": sampler_settings(tr, batch=bs.batch, seed=seed, steps=steps, sampler=sampler,
+                                    eta=eta, cfg_scale=cfg_scale, classes=classes),
         "num_samples": int(num_samples),
         "reference": ref_desc,
         "num_reference": n_ref,

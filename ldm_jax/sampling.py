@@ -22,6 +22,52 @@ def labels_for(spec: str, num: int, num_classes: int):
     return np.asarray([classes[i % len(classes)] for i in range(num)], np.int32)
 
 
+def settings_tag(tr, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
+                 eta: float | None = None, cfg_scale: float | None = None, classes: str = "",
+                 size: int = 0, use_ema: bool = True) -> str:
+    """A file-name tag of the settings that decide a set of samples from the trained LDM
+    ``tr`` (``ldm.load_trained``), so that runs with other settings (a guidance-scale
+    sweep, other classes, another size) never overwrite each other's files:
+    ``<step>_<sampler><steps>[_eta<eta>][_cfg<scale>][_c<classes>][_<size>px][_raw]_s<seed>_n<num>``.
+    Settings left unset resolve to the config's, so naming a default gives the same tag.
+    ``eta`` appears for DDIM when it is not 0, the guidance scale for class-conditional
+    models, the classes when given (joined by ``-``; a hash when that is long), the size
+    when it is not the training resolution, ``raw`` without the EMA weights."""
+    import hashlib
+
+    s = tr.config.sampling
+    sampler = sampler or s.sampler
+    parts = [f"{int(tr.step):08d}", f"{sampler}{int(steps or s.num_steps)}"]
+    eta = float(s.eta if eta is None else eta)
+    if sampler == "ddim" and eta != 0:
+        parts.append(f"eta{eta:g}")
+    if int(tr.config.model.num_classes):
+        parts.append(f"cfg{float(s.cfg_scale if cfg_scale is None else cfg_scale):g}")
+        if classes:
+            joined = "-".join(str(int(c)) for c in classes.split(","))
+            parts.append("c" + (joined if len(joined) <= 24 else hashlib.sha1(joined.encode()).hexdigest()[:10]))
+    if size and size != tr.latent_shape[0] * tr.ae_factor:
+        parts.append(f"{int(size)}px")
+    if not use_ema:
+        parts.append("raw")
+    parts += [f"s{int(seed)}", f"n{int(num)}"]
+    return "_".join(parts)
+
+
+def sampler_settings(tr, *, batch: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
+                     eta: float | None = None, cfg_scale: float | None = None, classes: str = "") -> dict:
+    """The sampler settings resolved against ``tr``'s config, as recorded beside samples and
+    in generation metrics: name, steps, eta, cfg_scale (None for unconditional models),
+    classes, seed and the global batch (the noise of batch ``i`` is drawn at that size)."""
+    s = tr.config.sampling
+    conditional = int(tr.config.model.num_classes) > 0
+    return {"name": sampler or s.sampler, "steps": int(steps or s.num_steps),
+            "eta": float(s.eta if eta is None else eta),
+            "cfg_scale": float(s.cfg_scale if cfg_scale is None else cfg_scale) if conditional else None,
+            "classes": classes or ("all, in turn" if conditional else None),
+            "seed": int(seed), "batch": int(batch)}
+
+
 class BatchSampler:
     """Jitted sampling of fixed-size global batches from a trained LDM (``ldm.load_trained``),
     sharded over all devices (and processes).
@@ -86,10 +132,13 @@ def padded_labels(labels, i: int, batch: int):
 def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, sampler: str | None = None,
                   eta: float | None = None, cfg_scale: float | None = None, classes: str = "",
                   size: int = 0, batch: int = 0, tile_overlap: int | None = None, use_ema: bool = True):
-    """``(trained, batches)``: ``batches`` yields ``(uint8 images [n, H, W, 3], labels [n])``
-    global batch by global batch (on every process), ``num`` images in all, so any number of
-    samples can be written out without holding them in host memory. Batch ``i`` draws with
-    ``fold_in(seed, i)``: the images do not depend on how they are consumed.
+    """``(trained, batches, info)``: ``batches`` yields ``(uint8 images [n, H, W, 3], labels
+    [n])`` global batch by global batch (on every process), ``num`` images in all, so any
+    number of samples can be written out without holding them in host memory. Batch ``i``
+    draws with ``fold_in(seed, i)``: the images do not depend on how they are consumed.
+    ``info`` describes the samples: checkpoint step, weights, sampler settings
+    (:func:`sampler_settings`), image size, decoding, scale factor and ``tag``
+    (:func:`settings_tag`, for file names).
 
     A ``size`` other than the training resolution is decoded in tiles of the training
     latent size that overlap by ``tile_overlap`` latents (default: a quarter of a tile),
@@ -137,7 +186,18 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
             n = min(bs.batch, num - i * bs.batch)
             yield mw.to_uint8(res[:n]), labels[i * bs.batch:i * bs.batch + n]
 
-    return tr, batches()
+    hw = hw or tuple(tr.latent_shape[:2])
+    info = dict(
+        checkpoint_step=int(tr.step), weights="ema" if use_ema else "raw",
+        sampler=sampler_settings(tr, batch=bs.batch, seed=seed, steps=steps, sampler=sampler, eta=eta,
+                                 cfg_scale=cfg_scale, classes=classes),
+        num=int(num), image_size=[int(hw[0] * f), int(hw[1] * f)], space=config.space,
+        decoding=(f"tiled: {th}x{th} latent tiles, overlap {overlap}" if bs.tiled
+                  else "whole" if config.space == "latent" else None),
+        scale_factor=float(tr.scale_factor),
+        tag=settings_tag(tr, num=num, seed=seed, steps=steps, sampler=sampler, eta=eta,
+                         cfg_scale=cfg_scale, classes=classes, size=size, use_ema=use_ema))
+    return tr, batches(), info
 
 
 def sample_images(workdir: str, **kwargs):
@@ -145,7 +205,7 @@ def sample_images(workdir: str, **kwargs):
     :func:`sample_stream`)."""
     import numpy as np
 
-    tr, batches = sample_stream(workdir, **kwargs)
+    tr, batches, _ = sample_stream(workdir, **kwargs)
     images, labels = zip(*batches)
     return np.concatenate(images), np.concatenate(labels), tr
 

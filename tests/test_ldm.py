@@ -3,6 +3,7 @@ frozen autoencoder, scale factor, resume, latent cache, pixel baseline, sample.p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -197,6 +198,16 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     npzs = [f for f in os.listdir(out) if f.endswith(".npz")]
     assert len(pngs) == 1 and len(npzs) == 1 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # named after the settings (the tiny config's sampler is DDIM), which are recorded beside
+    tag = "00000004_ddim3_cfg2_c1-2_s0_n10"
+    assert npzs == [f"samples_{tag}.npz"] and pngs == [f"samples_{tag}.png"]
+    with open(os.path.join(out, f"samples_{tag}.json")) as f:
+        info = json.load(f)
+    assert info["tag"] == tag and info["workdir"] == os.path.abspath(workdir) and info["weights"] == "ema"
+    assert info["checkpoint_step"] == 4 and info["num"] == 10 and info["image_size"] == [32, 32]
+    assert info["sampler"] == {"name": "ddim", "steps": 3, "eta": 0.0, "cfg_scale": 2.0, "classes": "1,2",
+                               "seed": 0, "batch": 8}
+    assert info["decoding"] == "whole" and info["scale_factor"] > 0
     with np.load(os.path.join(out, npzs[0])) as f:
         images = f["images"]
         assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
@@ -215,6 +226,39 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     for i in range(10):
         with Image.open(os.path.join(png_dir, f"{i:06d}.png")) as im:
             np.testing.assert_array_equal(np.asarray(im), images[i])
+
+
+def test_settings_tag_names_every_setting_that_changes_the_samples():
+    """Sample files and evaluation folders are named by ``settings_tag``: other guidance
+    scales, classes, sizes, seeds, counts or weights give other names; settings left unset
+    resolve to the config's (the same name as naming the default)."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from ldm_jax.sampling import settings_tag
+
+    def trained(num_classes):
+        config = ml_collections.ConfigDict(dict(
+            sampling=dict(sampler="ddim", num_steps=50, eta=0.0, cfg_scale=1.5),
+            model=dict(num_classes=num_classes)))
+        return SimpleNamespace(config=config, step=1234, latent_shape=(32, 32, 4), ae_factor=8)
+
+    cond = trained(1000)
+    assert settings_tag(cond, num=64) == "00001234_ddim50_cfg1.5_s0_n64"
+    assert settings_tag(cond, num=64, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.5, size=256) == \
+        settings_tag(cond, num=64)
+    assert settings_tag(cond, num=64, cfg_scale=3, classes="207,360", size=512, seed=2, use_ema=False) == \
+        "00001234_ddim50_cfg3_c207-360_512px_raw_s2_n64"
+    assert settings_tag(cond, num=8, eta=1.0) == "00001234_ddim50_eta1_cfg1.5_s0_n8"
+    assert settings_tag(cond, num=8, sampler="dpmpp_2m", steps=20, eta=1.0) == "00001234_dpmpp_2m20_cfg1.5_s0_n8"
+    many = ",".join(str(c) for c in range(100))
+    long_tag = settings_tag(cond, num=8, classes=many)
+    assert len(long_tag) < 60 and long_tag != settings_tag(cond, num=8, classes=many[:-1])
+    tags = {settings_tag(cond, num=64, cfg_scale=c) for c in (1.0, 1.5, 2.0, 3.0, 7.5)}
+    assert len(tags) == 5
+    # an unconditional model has no guidance scale to name
+    assert settings_tag(trained(0), num=16, cfg_scale=3) == "00001234_ddim50_s0_n16"
 
 
 def test_npz_stream_writes_whole_files_or_none(tmp_path):
@@ -319,8 +363,6 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     """``python -m ldm_jax.evaluate`` on an LDM workdir: the streamed, sharded FID / IS /
     precision-recall equal the same metrics computed directly from ``sample_images`` and
     the reference images; the reference statistics are cached and reused."""
-    import json
-
     from ldm_jax import evaluate, fid, gen_metrics, sampling
     from ldm_jax.convert.inception_weights import create_inception, save_inception_npz
     from ldm_jax.data import sources
@@ -376,6 +418,7 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     # (a significant imaginary part) after the sampling: the eigh form, with a warning
     cache = m["reference_cache"]
     assert os.path.isfile(cache)
+    assert os.path.dirname(cache) == os.path.join(workdir, "eval", "reference_stats")  # shared, not in --out
     stamp = os.stat(cache).st_mtime_ns
     monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.asarray(a) * (1 + 1j))
     assert evaluate.main([a if a != "eigh" else "sqrtm" for a in args]) == 0
@@ -388,8 +431,8 @@ def test_generation_evaluation_matches_direct_computation(trained, tmp_path_fact
     assert sum("computed with fid_method='eigh' instead" in w for w in m2["warnings"]) == 2
     # precomputed statistics without features (pytorch-fid's keys): FID only
     stats = fid.save_stats(tmp / "ref.npz", *fid.feature_statistics(f_r), num_images=7)
-    assert evaluate.main(args[:-2] + ["--ref_stats", stats]) == 0  # default --out: named after the file
-    with open(os.path.join(workdir, "eval", "samples_ref", "metrics.json")) as f:
+    assert evaluate.main(args[:-2] + ["--ref_stats", stats]) == 0  # default --out: the file and settings
+    with open(os.path.join(workdir, "eval", "samples_ref_00000004_ddim3_cfg1.5_c1-4-7_s5_n12", "metrics.json")) as f:
         m3 = json.load(f)
     np.testing.assert_allclose(m3["fid"], want_fid, rtol=1e-4)
     assert m3["precision"] is None and any("precision/recall skipped" in w for w in m3["warnings"])
