@@ -31,11 +31,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
     import jax
 
+    import ldm_jax
     from ldm_jax import distributed
 
+    ldm_jax.quiet_library_logs()
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if jax.process_index() != 0:  # one log for the whole job: other processes only warn/err
         logging.getLogger().setLevel(logging.WARNING)

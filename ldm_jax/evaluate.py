@@ -871,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--is_splits", type=int, default=None, help="Inception Score splits (10)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import ldm_jax
+
+    ldm_jax.quiet_library_logs()
     is_ldm = _training_config(args.workdir).get("trainer") == "ldm"
     wrong = [f for f in (_AUTOENCODER_FLAGS if is_ldm else _GENERATION_FLAGS)
              if getattr(args, f) is not None]

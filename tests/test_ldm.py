@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -191,10 +192,15 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     workdir, _, _ = trained
     env = cpu_env()
     out = str(tmp_path / "out")
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
-                    "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2", "--pngs",
-                    "--batch=8"],
-                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
+                        "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2", "--pngs",
+                        "--batch=8"],
+                       env=env, check=True, capture_output=True, text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert "10 / 10 images" in log and "wrote " in log
+    # INFO lines are sample.py's progress only, not orbax's or jax's internals
+    info_from = set(re.findall(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", log, re.MULTILINE))
+    assert info_from == {"sample.py"}, log[-3000:]
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     npzs = [f for f in os.listdir(out) if f.endswith(".npz")]
     assert len(pngs) == 1 and len(npzs) == 1 and not [f for f in os.listdir(out) if f.endswith(".tmp")]
