@@ -161,7 +161,8 @@ def main(argv=None) -> dict:
     import jax
     from flax import nnx
 
-    from ldm_jax.convert.inception_weights import create_inception, save_inception_npz
+    from ldm_jax.convert.inception_weights import (InceptionWeightsMissingError, create_inception,
+                                                   save_inception_npz)
     from ldm_jax.models.inception import FIDInceptionV3
 
     # The runs' own sample grids would add a sampler compile and a sampling pass to each
@@ -173,7 +174,12 @@ def main(argv=None) -> dict:
         inception_weights = save_inception_npz(FIDInceptionV3(rngs=nnx.Rngs(0)),
                                                os.path.join(a.workdir, "random_inception.npz"))
     else:  # fail before training when the weights are missing
-        create_inception(inception_weights)
+        try:
+            create_inception(inception_weights)
+        except InceptionWeightsMissingError as e:
+            raise InceptionWeightsMissingError(
+                f"{e}\nFor a smoke run without them: --random_inception (a random Inception; its "
+                "scores mean nothing).") from None
 
     rows = [run_one("latent", a.latent_config, os.path.join(a.workdir, "latent"), a.steps, overrides,
                     a.autoencoder_path),

@@ -79,6 +79,7 @@ from jax.sharding import PartitionSpec as P
 
 from ldm_jax import config_lib, metrics, sharding
 from ldm_jax import metric_writers as mw
+from ldm_jax.convert.inception_weights import InceptionWeightsMissingError
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms as tf_lib
 from ldm_jax.fid import (FeatureStats, fid_of_samples, frechet_distance_or_eigh, inception_features,
@@ -915,7 +916,15 @@ def main(argv: list[str] | None = None) -> int:
             rank_by=opt("rank_by", "psnr"), dtype=opt("dtype", "float32"),
             tile=None if tile < 0 else tile, tile_overlap=None if overlap < 0 else overlap,
             bucket=opt("bucket", 64), tfds_data_dir=args.tfds_data_dir, fid_method=args.fid_method)
-    except (lpips_lib.LPIPSWeightsMissingError, FileNotFoundError, ValueError) as e:
+    except lpips_lib.LPIPSWeightsMissingError as e:
+        print(f"error: {e}\nWithout them: --no_lpips skips LPIPS; --random_lpips (tests and demos "
+              "only) scores with random VGG features.", file=sys.stderr)
+        return 2
+    except InceptionWeightsMissingError as e:
+        # rFID can be skipped; FID is what an LDM evaluation measures
+        print(f"error: {e}" + ("" if is_ldm else "\nWithout them: --no_fid skips rFID."), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

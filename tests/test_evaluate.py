@@ -253,7 +253,10 @@ def test_missing_weights_stop_with_clear_errors(ae_dir, tmp_path, no_weights, ca
     # The CLI prints the same message and exits with status 2.
     assert evaluate.main(["--workdir", ae_dir, "--no_lpips", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "FID Inception weights not found" in err and "--no_fid" in err
+    assert "FID Inception weights not found" in err and "--no_fid skips rFID" in err
+    assert evaluate.main(["--workdir", ae_dir, "--no_fid", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "LPIPS pretrained weights not found" in err and "--no_lpips skips LPIPS" in err
 
 
 def test_cli_smoke(ae_dir, tmp_path, capsys):

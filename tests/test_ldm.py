@@ -315,6 +315,22 @@ def test_sampling_is_seeded_and_tiled_for_large_sizes(trained):
         sample.sample_images(workdir, num=8, seed=3, steps=3, size=64, tile_overlap=8)
 
 
+def test_generation_evaluation_without_inception_weights_says_what_to_fetch(trained, tmp_path, monkeypatch,
+                                                                             capsys):
+    """An LDM evaluation needs the FID Inception: it stops before sampling with the file to
+    fetch, and without the autoencoder evaluation's --no_fid way around (FID is the point)."""
+    from ldm_jax import evaluate
+
+    workdir, _, _ = trained
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
+    assert evaluate.main(["--workdir", workdir, "--num_samples", "4", "--is_splits", "2",
+                          "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "FID Inception weights not found" in err and "pt_inception-2015-12-05" in err
+    assert "--no_fid" not in err and not (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_init_from_a_trained_ldm(trained, ae_dir, tmp_path):
     """init_from=<LDM workdir> starts the U-Net (and its EMA) from that run's EMA weights."""
     workdir, _, _ = trained

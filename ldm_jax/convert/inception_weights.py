@@ -186,7 +186,6 @@ def _missing_message(cache: str, notes: list[str]) -> str:
         f"(A copy in torch hub's cache, {torch_hub_checkpoints_dir()}, is found too.)",
     ]
     lines.extend(download_notes_lines(notes))
-    lines.append("To evaluate without FID pass --no_fid (python -m ldm_jax.evaluate).")
     return "\n".join(lines)
 
 

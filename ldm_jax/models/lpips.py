@@ -323,9 +323,6 @@ def _missing_message(
     if heads_src is not None:
         lines.append(f"(LPIPS heads found at {heads_src}.)")
     lines.extend(download_notes_lines(notes))
-    lines.append(
-        "To run without pretrained LPIPS use missing='random' (random VGG) or missing='disable'."
-    )
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
-from ldm_jax.models.lpips import create_lpips
+from ldm_jax.models.lpips import LPIPSWeightsMissingError, create_lpips
 from ldm_jax.trainers.common import (FlatState, dtype as _dtype, finite_and_norm, flat_step,
                                      fresh as _fresh, init_sharded, lr_schedule, microbatch_mean,
                                      log_once as _log_once, prepare_workdir, run_training_loop,
@@ -298,9 +298,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main, writer = prepare_workdir(config, workdir)
 
     # ---- LPIPS ---------------------------------------------------------------------------
-    lp_model, lp_msg = create_lpips(
-        config.loss.lpips_weights or None, missing=config.loss.lpips_missing,
-        dtype=_dtype(config.dtype), rngs=nnx.Rngs(config.seed + 3))
+    try:
+        lp_model, lp_msg = create_lpips(
+            config.loss.lpips_weights or None, missing=config.loss.lpips_missing,
+            dtype=_dtype(config.dtype), rngs=nnx.Rngs(config.seed + 3))
+    except LPIPSWeightsMissingError as e:
+        raise LPIPSWeightsMissingError(
+            f"{e}\nWithout them (not for a real run): --config.loss.lpips_missing=disable trains "
+            "without the perceptual term (the demo configs do), =random with random VGG features "
+            "(the tiny configs do).") from None
     if lp_msg:
         _log_once(lp_msg)
     lpips_pretrained = lp_model is not None and "RANDOM" not in lp_msg
