@@ -55,12 +55,11 @@ def main(argv):
     import numpy as np
 
     import ldm_jax
-
-    ldm_jax.quiet_library_logs()
-
     from ldm_jax import metric_writers as mw
     from ldm_jax.sampling import NpzStream, sample_stream
     from ldm_jax.weights_cache import save_json_atomic
+
+    ldm_jax.quiet_library_logs()
 
     try:
         tr, batches, info = sample_stream(

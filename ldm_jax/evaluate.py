@@ -77,6 +77,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import ldm_jax
 from ldm_jax import config_lib, metrics, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.convert.inception_weights import InceptionWeightsMissingError
@@ -872,8 +873,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--is_splits", type=int, default=None, help="Inception Score splits (10)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import ldm_jax
-
     ldm_jax.quiet_library_logs()
     is_ldm = _training_config(args.workdir).get("trainer") == "ldm"
     wrong = [f for f in (_AUTOENCODER_FLAGS if is_ldm else _GENERATION_FLAGS)
