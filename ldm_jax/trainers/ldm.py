@@ -509,15 +509,13 @@ def load_trained(workdir: str, *, use_ema: bool = True, dtype_name: str | None =
                 config.autoencoder_path = json.load(f)["autoencoder_path"] or config.autoencoder_path
         ae_gd, ae_state, ae_cfg, _ = load_autoencoder(config)
     shape = latent_shape(config, ae_cfg)
-    unet = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
-    unet_gd, params_abs, rest_abs = nnx.split(unet, nnx.Param, ...)
     step_dir = pretrained._latest_step_dir(workdir)
     which = "ema_params" if use_ema else "params"
     raw = pretrained._restore_tree(os.path.join(step_dir, "state"), [which, "scale_factor", "step"])
-    concrete = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
-    pretrained._materialise(concrete)
-    pretrained.fill_params(concrete, raw[which], f"({step_dir})")
-    _, params, rest = nnx.split(concrete, nnx.Param, ...)
+    unet = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
+    pretrained._materialise(unet)
+    pretrained.fill_params(unet, raw[which], f"({step_dir})")
+    unet_gd, params, rest = nnx.split(unet, nnx.Param, ...)
     return Trained(config=config, models=Models(unet=unet_gd, ae=ae_gd), params=params, rest=rest,
                    ae_state=ae_state, scale_factor=jnp.float32(np.asarray(raw["scale_factor"])),
                    step=int(np.asarray(raw["step"])), latent_shape=shape,
