@@ -35,14 +35,13 @@ def settings_tag(tr, *, num: int, seed: int = 0, steps: int = 0, sampler: str | 
     when it is not the training resolution, ``raw`` without the EMA weights."""
     import hashlib
 
-    s = tr.config.sampling
-    sampler = sampler or s.sampler
-    parts = [f"{int(tr.step):08d}", f"{sampler}{int(steps or s.num_steps)}"]
-    eta = float(s.eta if eta is None else eta)
-    if sampler == "ddim" and eta != 0:
-        parts.append(f"eta{eta:g}")
-    if int(tr.config.model.num_classes):
-        parts.append(f"cfg{float(s.cfg_scale if cfg_scale is None else cfg_scale):g}")
+    r = sampler_settings(tr, batch=0, seed=seed, steps=steps, sampler=sampler, eta=eta,
+                         cfg_scale=cfg_scale, classes=classes)
+    parts = [f"{int(tr.step):08d}", f"{r['name']}{r['steps']}"]
+    if r["name"] == "ddim" and r["eta"] != 0:
+        parts.append(f"eta{r['eta']:g}")
+    if r["cfg_scale"] is not None:  # class-conditional
+        parts.append(f"cfg{r['cfg_scale']:g}")
         if classes:
             joined = "-".join(str(int(c)) for c in classes.split(","))
             parts.append("c" + (joined if len(joined) <= 24 else hashlib.sha1(joined.encode()).hexdigest()[:10]))
@@ -50,7 +49,7 @@ def settings_tag(tr, *, num: int, seed: int = 0, steps: int = 0, sampler: str | 
         parts.append(f"{int(size)}px")
     if not use_ema:
         parts.append("raw")
-    parts += [f"s{int(seed)}", f"n{int(num)}"]
+    parts += [f"s{r['seed']}", f"n{int(num)}"]
     return "_".join(parts)
 
 
