@@ -292,6 +292,25 @@ def sampling_timesteps(sched: Schedule, num_steps: int, sampler: str = "ddim") -
     return jnp.maximum(ts, num_steps - 1 - i)  # room for the remaining steps; ends at 0
 
 
+def _noise_fns(key: jax.Array, shape: tuple[int, ...]):
+    """``normal(key)`` (N(0, I) of ``shape``), ``fold_in(key, i)`` and ``split(key) -> (k1,
+    k2)`` for one key, or for a batch of per-sample keys (raw uint32 ``[B, k]`` or typed
+    ``[B]``), where each sample's noise comes from its own key."""
+    key = jnp.asarray(key)
+    per_sample = key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
+    if not per_sample:
+        return (lambda k: jax.random.normal(k, shape, jnp.float32)), jax.random.fold_in, jax.random.split
+    if key.shape[0] != shape[0]:
+        raise ValueError(f"sample: {key.shape[0]} per-sample keys for a batch of {shape[0]}")
+
+    def split(k):
+        ks = jax.vmap(jax.random.split)(k)
+        return ks[:, 0], ks[:, 1]
+
+    return (jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32)),
+            jax.vmap(jax.random.fold_in, in_axes=(0, None)), split)
+
+
 def sample(model_fn: ModelFn, sched: Schedule, shape: tuple[int, ...], key: jax.Array, *,
            sampler: str = "ddim", num_steps: int = 50, eta: float = 0.0,
            prediction: str = "eps", clip_x0: bool = False,
@@ -299,17 +318,20 @@ def sample(model_fn: ModelFn, sched: Schedule, shape: tuple[int, ...], key: jax.
     """Draw samples of ``shape`` (B, ...) from ``model_fn``; returns x0 in float32.
 
     ``x_T`` (default ``N(0, I)`` from ``key``) is the starting noise; ``key`` also drives the
-    per-step noise of ddpm and of ddim with ``eta > 0``. ``clip_x0`` clips the x0 prediction
-    to [-1, 1] at every step (and, for ddpm/ddim, re-derives ε from the clipped x0, as ADM
-    does). Usable inside ``jax.jit`` (``sampler``, ``num_steps``, ``prediction``, ``clip_x0``,
+    per-step noise of ddpm and of ddim with ``eta > 0``. ``key`` is one key for the whole
+    batch, or one key per sample (leading dimension B, e.g. ``vmap(fold_in)`` over sample
+    indices): then sample ``j``'s noise comes from ``key[j]`` alone, so a sample does not
+    depend on the batch it is drawn in (up to the model's numerics). ``clip_x0`` clips the
+    x0 prediction to [-1, 1] at every step (and, for ddpm/ddim, re-derives ε from the
+    clipped x0, as ADM does). Usable inside ``jax.jit`` (``sampler``, ``num_steps``, ``prediction``, ``clip_x0``,
     ``shape`` static).
     """
     _check_prediction(prediction)
     ts = sampling_timesteps(sched, num_steps, sampler)
-    k_init, k_steps = jax.random.split(key)
-    x = (jax.random.normal(k_init, shape, jnp.float32) if x_T is None
-         else jnp.asarray(x_T, jnp.float32).reshape(shape))
     b = shape[0]
+    normal, fold_in, split = _noise_fns(key, shape)
+    k_init, k_steps = split(key)
+    x = (normal(k_init) if x_T is None else jnp.asarray(x_T, jnp.float32).reshape(shape))
     ac = sched.alphas_cumprod[ts]  # ᾱ at each model call
     ac_next = jnp.concatenate([ac[1:], jnp.ones((1,), jnp.float32)])  # the clean step at the end
 
@@ -332,7 +354,7 @@ def sample(model_fn: ModelFn, sched: Schedule, shape: tuple[int, ...], key: jax.
             if deterministic:
                 return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
             sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-            z = jax.random.normal(jax.random.fold_in(k_steps, i), shape, jnp.float32)
+            z = normal(fold_in(k_steps, i))
             dir_xt = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
             return jnp.sqrt(a_prev) * x0 + dir_xt + sigma * z
 
@@ -350,7 +372,7 @@ def sample(model_fn: ModelFn, sched: Schedule, shape: tuple[int, ...], key: jax.
             coef1 = jnp.sqrt(a_prev) * beta / (1.0 - a_t)
             coef2 = jnp.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a_t)
             var = beta * (1.0 - a_prev) / (1.0 - a_t)
-            z = jax.random.normal(jax.random.fold_in(k_steps, i), shape, jnp.float32)
+            z = normal(fold_in(k_steps, i))
             return coef1 * x0 + coef2 * x + jnp.sqrt(var) * z
 
         return jax.lax.fori_loop(0, num_steps, body, x)

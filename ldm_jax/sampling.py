@@ -57,7 +57,8 @@ def sampler_settings(tr, *, batch: int, seed: int = 0, steps: int = 0, sampler: 
                      eta: float | None = None, cfg_scale: float | None = None, classes: str = "") -> dict:
     """The sampler settings resolved against ``tr``'s config, as recorded beside samples and
     in generation metrics: name, steps, eta, cfg_scale (None for unconditional models),
-    classes, seed and the global batch (the noise of batch ``i`` is drawn at that size)."""
+    classes, seed and the global batch (which does not change the images: each sample draws
+    its noise from its own key, see :class:`BatchSampler`)."""
     s = tr.config.sampling
     conditional = int(tr.config.model.num_classes) > 0
     return {"name": sampler or s.sampler, "steps": int(steps or s.num_steps),
@@ -71,10 +72,13 @@ class BatchSampler:
     """Jitted sampling of fixed-size global batches from a trained LDM (``ldm.load_trained``),
     sharded over all devices (and processes).
 
-    ``sampler(i, labels, seed)`` draws global batch ``i`` (its key is ``fold_in(seed, i)``)
-    for ``labels`` (int [batch], the same on every process) and returns the batch-sharded
-    global array: images in [-1, 1], or the latents when ``latent_hw`` differs from the
-    training latent size (``self.tiled``: decode them with ``ldm_jax.tiling``).
+    ``sampler(i, labels, seed)`` draws global batch ``i`` for ``labels`` (int [batch], the
+    same on every process) and returns the batch-sharded global array: images in [-1, 1], or
+    the latents when ``latent_hw`` differs from the training latent size (``self.tiled``:
+    decode them with ``ldm_jax.tiling``). Sample ``n = i·batch + j`` draws all its noise
+    from its own key ``fold_in(PRNGKey(seed), n)`` (:func:`sample_keys`), so the images of a
+    seed do not depend on the batch size or the number of devices (up to the model's
+    numerics), and the first ``k`` of ``num`` samples are those of ``num = k``.
     """
 
     def __init__(self, tr, *, batch: int, steps: int = 0, sampler: str | None = None,
@@ -99,7 +103,13 @@ class BatchSampler:
                                 sampler=sampler, num_steps=steps or None, eta=eta,
                                 cfg_scale=cfg_scale, decode_images=not self.tiled)
         self.batch_sh, rep = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-        self._fn = jax.jit(fn, out_shardings=self.batch_sh)
+        n, batch_sh = self.batch, self.batch_sh
+
+        def fn_at(params, rest, ae_state, seed_key, start, labels, scale):
+            keys = jax.lax.with_sharding_constraint(sample_keys(seed_key, start, n), batch_sh)
+            return fn(params, rest, ae_state, keys, labels, scale)
+
+        self._fn = jax.jit(fn_at, out_shardings=self.batch_sh)
         self._state = jax.device_put((tr.params, tr.rest, tr.ae_state), rep)
 
     def __call__(self, i: int, labels, seed: int):
@@ -111,13 +121,21 @@ class BatchSampler:
         labels = np.asarray(labels, np.int32)
         if labels.shape != (self.batch,):
             raise ValueError(f"labels must have shape ({self.batch},), got {labels.shape}")
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
         # Each process contributes its slice of the global label batch.
         b_local = self.batch // jax.process_count()
         p = jax.process_index()
         glab = sharding.global_batch({"label": labels[p * b_local:(p + 1) * b_local]}, self.batch_sh)["label"]
         params, rest, ae_state = self._state
-        return self._fn(params, rest, ae_state, key, glab, self.tr.scale_factor)
+        return self._fn(params, rest, ae_state, jax.random.PRNGKey(seed), np.uint32(i * self.batch), glab,
+                        self.tr.scale_factor)
+
+
+def sample_keys(seed_key, start, n: int):
+    """The keys of samples ``start .. start + n - 1``: ``fold_in(seed_key, index)``, [n, ...]."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key, start + jnp.arange(n, dtype=jnp.uint32))
 
 
 def padded_labels(labels, i: int, batch: int):
@@ -133,8 +151,9 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
                   size: int = 0, batch: int = 0, tile_overlap: int | None = None, use_ema: bool = True):
     """``(trained, batches, info)``: ``batches`` yields ``(uint8 images [n, H, W, 3], labels
     [n])`` global batch by global batch (on every process), ``num`` images in all, so any
-    number of samples can be written out without holding them in host memory. Batch ``i``
-    draws with ``fold_in(seed, i)``: the images do not depend on how they are consumed.
+    number of samples can be written out without holding them in host memory. Sample ``n``
+    draws with ``fold_in(seed, n)``: the images depend neither on how they are consumed nor on
+    the batch size or device count.
     ``info`` describes the samples: checkpoint step, weights, sampler settings
     (:func:`sampler_settings`), image size, decoding, scale factor and ``tag``
     (:func:`settings_tag`, for file names).

@@ -289,6 +289,34 @@ def test_ddim_eta1_full_chain_is_ancestral_ddpm():
     np.testing.assert_allclose(ddim_same, ddpm, atol=5e-3)
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.7), ("ddim", 0.0), ("dpmpp_2m", 0.0)])
+def test_per_sample_keys_make_samples_independent_of_their_batch(sampler, eta):
+    """With one key per sample, sample j of a batch of 6 equals the same key's sample drawn
+    alone or in a batch of 3: start noise and per-step noise come from its key only. The
+    per-sample noise is standard normal and differs between samples."""
+    sched = _sched()
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(7), jnp.arange(6))
+    run = jax.jit(lambda k, n: D.sample(_eps_opt(sched), sched, (n, 4, 8), k, sampler=sampler,
+                                        num_steps=20, eta=eta), static_argnums=1)
+    six = np.asarray(run(keys, 6))
+    np.testing.assert_allclose(np.asarray(run(keys[2:5], 3)), six[2:5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(run(keys[4:5], 1))[0], six[4], rtol=1e-5, atol=1e-6)
+    assert np.abs(six[0] - six[1]).mean() > 0.1
+    # typed keys give the raw keys' samples
+    typed = jax.random.wrap_key_data(keys)
+    np.testing.assert_allclose(np.asarray(run(typed, 6)), six, rtol=1e-6, atol=1e-6)
+    # the x_T drawn from per-sample keys is N(0, I)
+    x_T = np.asarray(jax.jit(lambda k: D.sample(lambda x, t: jnp.zeros_like(x), sched, (4096, 8), k,
+                                                 num_steps=1, sampler="ddim", prediction="v"))(
+        jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(0), jnp.arange(4096))))
+    # v = 0 at t = T-1 gives x0 = a·x_T: undo the scale to recover the start noise
+    a = float(np.sqrt(sched.alphas_cumprod[int(D.sampling_timesteps(sched, 1, "ddim")[0])]))
+    z = x_T / a
+    assert abs(z.mean()) < 5 / math.sqrt(z.size) and abs(z.std() - 1) < 5 / math.sqrt(2 * z.size)
+    with pytest.raises(ValueError, match="3 per-sample keys for a batch of 6"):
+        D.sample(_eps_opt(sched), sched, (6, 4, 8), keys[:3], num_steps=2)
+
+
 @pytest.mark.parametrize("sampler,num_steps,max_err,bias_tol", [
     ("dpmpp_2m", 20, 0.05, 0.01),
     ("dpmpp_2m", 25, 0.05, 0.01),
