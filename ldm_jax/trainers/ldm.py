@@ -315,17 +315,19 @@ def create_train_state(config, mesh, tx, channels: int, scale_factor: float, *, 
     restore), nothing compiled or computed. The scale factor is an argument of the init
     program, so one compiled init serves every scale."""
 
+    graphdef = []
+
     def init(scale) -> TrainState:
         unet = build_unet(config, channels, config.seed)
+        graphdef[:] = [nnx.graphdef(unet)]  # static: safe to keep from the trace
         _, params, rest = nnx.split(unet, nnx.Param, ...)
         return TrainState(
             step=jnp.int32(0), params=params, rest=rest,
             ema_params=jax.tree.map(lambda p: p, params), opt=tx.init(params),
             rng=jax.random.PRNGKey(config.seed + 1), scale_factor=scale, nan_skips=jnp.int32(0))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_unet(config, channels, config.seed)))
     state, shardings = init_sharded(init, jnp.float32(scale_factor), mesh=mesh, abstract=abstract)
-    return graphdef, state, shardings
+    return graphdef[0], state, shardings
 
 
 # ----------------------------------------------------------------------------------------

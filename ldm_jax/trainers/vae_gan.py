@@ -269,8 +269,11 @@ def create_train_state(config, mesh, gen_tx, disc_tx, *,
     def models(seed: int):
         return build_models(config, nnx.Rngs(params=seed, dropout=seed + 1))
 
+    graphdefs = []
+
     def init() -> TrainState:
         ae, disc = models(config.seed)
+        graphdefs[:] = [nnx.graphdef(ae), nnx.graphdef(disc)]  # static: safe to keep from the trace
         _, ae_params, ae_rest = nnx.split(ae, nnx.Param, ...)
         _, d_params, d_stats = nnx.split(disc, nnx.Param, ...)
         gen_params = {"ae": ae_params, "logvar": jnp.float32(config.loss.logvar_init)}
@@ -279,10 +282,8 @@ def create_train_state(config, mesh, gen_tx, disc_tx, *,
             disc_stats=d_stats, gen_opt=gen_tx.init(gen_params), disc_opt=disc_tx.init(d_params),
             rng=jax.random.PRNGKey(config.seed + 2), nan_skips=jnp.int32(0))
 
-    abstract_ae, abstract_disc = nnx.eval_shape(lambda: models(config.seed))
-    graphdefs = (nnx.graphdef(abstract_ae), nnx.graphdef(abstract_disc))
     state, shardings = init_sharded(init, mesh=mesh, abstract=abstract)
-    return graphdefs, state, shardings
+    return tuple(graphdefs), state, shardings
 
 
 # ----------------------------------------------------------------------------------------
