@@ -35,7 +35,8 @@ Two settings:
   the crop (``metrics.region_metrics``); LPIPS averages its distance maps over the image
   area of the padded pair (the padding can slightly touch features at the bottom/right
   border); Inception sees the crop resized to 299 as in pytorch-fid. This pass runs image
-  by image on one device per process, and compiles once per padded size. Whole-image
+  by image on every local device at once (``--full_size_devices`` to use fewer), one image
+  per device, and each device compiles once per padded size. Whole-image
   encoding holds the encoder's mid attention over all (H/f)·(W/f) latent positions, so
   memory grows with the square of the image area: fine for ImageNet-sized photos with a
   KL-f8 model, not for multi-megapixel images.
@@ -66,6 +67,7 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -424,14 +426,20 @@ def _model_resolution_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader
 
 
 def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factory, n: int,
-                    factor: int, bucket: int, tile: int, overlap: int, inc_batch: int):
+                    factor: int, bucket: int, tile: int, overlap: int, inc_batch: int,
+                    devices: int = 0):
+    """Every image of this process's key range at its own size, image by image, on
+    ``devices`` local devices (0: all) at once: one worker thread per device takes every
+    ``k``-th image (each device compiles its own programs, once per padded size). Per-image
+    metrics do not depend on the device count; the Inception features of all workers are
+    batched on the first device."""
     count, index = jax.process_count(), jax.process_index()
     per = math.ceil(n / count)
     keys = range(min(index * per, n), min((index + 1) * per, n))
-    dev = jax.local_devices()[0]
-    ae_st = jax.device_put(ae_st, dev)
-    lp_st = jax.device_put(lp_st, dev) if lp_st is not None else None
-    inc_st = jax.device_put(inc_st, dev) if inc_st is not None else None
+    local_devs = jax.local_devices()
+    if devices < 0:
+        raise ValueError(f"full-size devices must be >= 0 (0: all local devices), got {devices}")
+    devs = local_devs[:min(devices or len(local_devs), len(local_devs), max(1, len(keys)))]
     multiple = math.lcm(max(1, bucket), factor)
 
     @jax.jit
@@ -456,18 +464,17 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
     feat_fn = None
     if inc_gd is not None:
         feat_fn = jax.jit(lambda st, x: nnx.merge(inc_gd, st)(x))
-
-    def decode_fn(z):
-        return decode(ae_st, z)
+        inc_st = jax.device_put(inc_st, devs[0])
 
     local = {m: np.full((per,), np.nan) for m in _METRICS}
     local_keys = np.full((per,), -1, np.int64)
     stats_real, stats_recon = FeatureStats(), FeatureStats()
     feats_in: list[np.ndarray] = []
+    feats_lock = threading.Lock()
     shapes: set = set()
     size = (inception_lib.INCEPTION_SIZE,) * 2
 
-    def flush(final: bool = False):
+    def flush(final: bool = False):  # holding feats_lock
         while feats_in and (len(feats_in) >= 2 * inc_batch or final):
             chunk = feats_in[:2 * inc_batch]
             del feats_in[:2 * inc_batch]
@@ -475,43 +482,75 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
             k = x.shape[0]
             if k < 2 * inc_batch:
                 x = np.concatenate([x, np.zeros((2 * inc_batch - k,) + x.shape[1:], x.dtype)])
-            f = np.asarray(feat_fn(inc_st, jax.device_put(x, dev)))[:k]
+            f = np.asarray(feat_fn(inc_st, jax.device_put(x, devs[0])))[:k]
             stats_real.update(f[0::2])
             stats_recon.update(f[1::2])
 
-    reader = reader_factory(keys, full_size=True)
-    try:
-        futures = reader.submit(keys[:2])
-        for i, key in enumerate(keys):
+    stop = threading.Event()  # set by a failing worker: the others stop at their next image
+
+    def work(worker: int) -> None:
+        try:
+            _work(worker)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _work(worker: int) -> None:
+        dev = devs[worker]
+        one_device = jax.sharding.SingleDeviceSharding(dev)
+        st_ae, st_lp = states[worker]
+
+        def decode_fn(z):
+            return decode(st_ae, z)
+
+        mine = range(worker, len(keys), len(devs))  # positions in keys
+        futures = reader.submit([keys[j] for j in mine[:2]])
+        for m_i, i in enumerate(mine):
+            if stop.is_set():
+                return
             img = futures[0].result()
-            futures = futures[1:] + (reader.submit(keys[i + 2:i + 3]) if i + 2 < len(keys) else [])
+            futures = futures[1:] + (reader.submit([keys[mine[m_i + 2]]]) if m_i + 2 < len(mine) else [])
             if img is None:
                 continue
             h, w = img.shape[:2]
             hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
             shapes.add((hp, wp))
-            xp = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")[None]
-            z = encode(ae_st, jax.device_put(xp, dev))
+            xp_host = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")[None]
+            xp = jax.device_put(xp_host, dev)
+            z = encode(st_ae, xp)
             if decode_tiled is not None and tile > 0:
-                r = decode_tiled(decode_fn, z, factor=factor, tile=tile, overlap=overlap)
+                r = decode_tiled(decode_fn, z, factor=factor, tile=tile, overlap=overlap,
+                                 sharding=one_device)
             else:
-                r = np.asarray(decode_fn(z))
-            r = np.asarray(_q8(jnp.asarray(r)))
+                r = decode_fn(z)
+            r = _q8(jax.device_put(r, dev))
             hw = np.asarray([[h, w]], np.int32)
-            out = jax.device_get(region(lp_st, jax.device_put(xp, dev), jax.device_put(r, dev), hw))
+            out = jax.device_get(region(st_lp, xp, r, hw))
             for m in _METRICS:
                 if m in out:
                     local[m][i] = float(out[m][0])
-            local_keys[i] = key
+            local_keys[i] = keys[i]
             if feat_fn is not None:
-                feats_in.append(inception_lib.bilinear_resize_np(xp[0, :h, :w], size))
-                feats_in.append(inception_lib.bilinear_resize_np(r[0, :h, :w], size))
-                flush()
+                pair = [inception_lib.bilinear_resize_np(xp_host[0, :h, :w], size),
+                        inception_lib.bilinear_resize_np(np.asarray(r)[0, :h, :w], size)]
+                with feats_lock:
+                    feats_in.extend(pair)
+                    flush()
+
+    # Copies of the replicated states for each worker, made here: concurrent device_puts of
+    # one array from several threads race inside jax.
+    states = [(jax.device_put(ae_st, d), jax.device_put(lp_st, d) if lp_st is not None else None)
+              for d in devs]
+    reader = reader_factory(keys, full_size=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(devs)) as pool:
+            for f in [pool.submit(work, k) for k in range(len(devs))]:
+                f.result()  # a worker's error stops the pass
         if feat_fn is not None:
             flush(final=True)
     finally:
         reader.close()
-    return local, local_keys, stats_real, stats_recon, sorted(shapes)
+    return local, local_keys, stats_real, stats_recon, sorted(shapes), len(devs)
 
 
 # ----------------------------------------------------------------------------- main API
@@ -538,6 +577,7 @@ def evaluate_autoencoder(
     bucket: int = 64,
     tfds_data_dir: str = "",
     fid_method: str = "sqrtm",
+    full_size_devices: int = 0,
     mesh=None,
 ) -> dict:
     """Evaluate the autoencoder at ``model_path`` on ``data``; writes and returns the metrics.
@@ -548,7 +588,8 @@ def evaluate_autoencoder(
     rFID with the FID Inception from ``inception_weights`` or the cache (missing ->
     ``InceptionWeightsMissingError``). ``tile``: latent tile size for full-size decoding
     (default: the model's latent size, at least 32; 0 = whole image); ``tile_overlap``
-    default tile // 4.
+    default tile // 4. ``full_size_devices``: local devices the full-size pass runs on at
+    once, one image each (0: all).
     ``fid_method``: ``'sqrtm'`` (pytorch-fid's computation) or ``'eigh'`` (same value,
     faster; see ``ldm_jax.fid.frechet_distance``).
     See the module docstring for everything else.
@@ -567,6 +608,8 @@ def evaluate_autoencoder(
         raise ValueError("rank_by='lpips' needs LPIPS; use rank_by='psnr' or enable LPIPS")
     if num_images < 1 or batch_size < 1 or num_best_worst < 0:
         raise ValueError("num_images and batch_size must be >= 1, num_best_worst >= 0")
+    if full_size_devices < 0:
+        raise ValueError(f"--full_size_devices must be >= 0 (0: all local devices), got {full_size_devices}")
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(dtype)
     if dt is None:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -601,7 +644,6 @@ def evaluate_autoencoder(
     data_cfg, mode, data_desc = parse_data_spec(data, train_cfg, tfds_data_dir)
     source = _open_source(data_cfg, mode)
     n = min(int(num_images), len(source))
-    skipped_before = set(tf_lib.skipped_files())
 
     def reader_factory(keys, *, full_size):
         return _Reader(source, keys, res, full_size)
@@ -688,10 +730,11 @@ def evaluate_autoencoder(
         decoding = (f"tiled: {latent_tile}x{latent_tile} latent tiles, overlap {overlap} "
                     "(ldm_jax.tiling.decode_tiled)" if have_tiling and latent_tile > 0
                     else "whole image")
-        flocal, fkeys, f_real, f_recon, shapes = _full_size_pass(
+        flocal, fkeys, f_real, f_recon, shapes, n_workers = _full_size_pass(
             ae_gd=ae_gd, ae_st=ae_st, lp_gd=lp_gd, lp_st=lp_st, inc_gd=inc_gd, inc_st=inc_st,
             reader_factory=reader_factory, n=n, factor=factor, bucket=bucket,
-            tile=latent_tile if have_tiling else 0, overlap=overlap, inc_batch=max(1, gb // 2))
+            tile=latent_tile if have_tiling else 0, overlap=overlap, inc_batch=max(1, gb // 2),
+            devices=full_size_devices)
         fg = _allgather({"keys": fkeys, **flocal})
         fvalid = fg["keys"].reshape(-1) >= 0
         fk = fg["keys"].reshape(-1)[fvalid]
@@ -708,13 +751,17 @@ def evaluate_autoencoder(
         result_full.update(
             decoding=decoding, encoding="whole image",
             padding=f"reflect, bottom/right, to a multiple of {math.lcm(max(1, bucket), factor)} px",
-            padded_shapes_this_process=[list(s) for s in shapes[:50]])
+            padded_shapes_this_process=[list(s) for s in shapes[:50]],
+            devices_per_process=n_workers)
 
     # ---- outputs -------------------------------------------------------------------------
     if out_dir is None:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", data).strip("_") or "data"
         out_dir = os.path.join(model_path, "eval", slug)
-    skipped = [f for f in tf_lib.skipped_files() if f not in skipped_before]
+    # Unreadable images: the keys read but not scored (a file-level registry would miss
+    # files an earlier evaluation in this process already skipped).
+    scored = set(keys_all.tolist())
+    skipped = [source.describe(k) for k in range(n) if k not in scored]
     result = {
         "model": {"path": os.path.abspath(model_path), "description": where,
                   "config": dataclasses.asdict(cfg),
@@ -807,7 +854,7 @@ _GENERATION_FLAGS = ("num_samples", "seed", "steps", "sampler", "eta", "cfg_scal
                      "noema", "ref_stats", "num_reference", "no_pr", "pr_num", "pr_k", "is_splits")
 _AUTOENCODER_FLAGS = ("num_images", "resolution", "full_size", "no_lpips", "lpips_weights",
                       "random_lpips", "no_fid", "k", "rank_by", "dtype", "tile", "tile_overlap",
-                      "bucket")
+                      "bucket", "full_size_devices")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -848,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--tile", type=int, default=None,
                    help="full size: latent tile size (default: model latent size, >= 32; 0 = whole image)")
     a.add_argument("--tile_overlap", type=int, default=None, help="full size: tile overlap (default tile/4)")
+    a.add_argument("--full_size_devices", type=int, default=None,
+                   help="full size: local devices that each score one image at a time (default 0: all)")
     a.add_argument("--bucket", type=int, default=None,
                    help="full size: pad sizes up to a multiple of this (64; fewer compiles)")
     g = p.add_argument_group("latent diffusion (LDM workdir)")
@@ -914,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
             inception_weights=args.inception_weights or None, num_best_worst=opt("k", 4),
             rank_by=opt("rank_by", "psnr"), dtype=opt("dtype", "float32"),
             tile=None if tile < 0 else tile, tile_overlap=None if overlap < 0 else overlap,
-            bucket=opt("bucket", 64), tfds_data_dir=args.tfds_data_dir, fid_method=args.fid_method)
+            bucket=opt("bucket", 64), tfds_data_dir=args.tfds_data_dir, fid_method=args.fid_method,
+            full_size_devices=opt("full_size_devices", 0))
     except lpips_lib.LPIPSWeightsMissingError as e:
         print(f"error: {e}\nWithout them: --no_lpips skips LPIPS; --random_lpips (tests and demos "
               "only) scores with random VGG features.", file=sys.stderr)

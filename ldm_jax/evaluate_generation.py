@@ -61,7 +61,6 @@ from ldm_jax import evaluate as ev
 from ldm_jax import gen_metrics, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.data import sources as sources_lib
-from ldm_jax.data import transforms as tf_lib
 from ldm_jax.fid import (FeatureStats, frechet_distance_or_eigh, load_spatial_stats, load_stats,
                          small_sample_warning, to_inception_input)
 from ldm_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
@@ -145,10 +144,10 @@ def _reference_source(data: str, tr, tfds_data_dir: str):
 
 
 def _reference_pass(source, n: int, resolution: int, batch: int, mesh, feat_fn, inc_st,
-                    pr_num: int) -> tuple[FeatureStats, FeatureStats, np.ndarray]:
+                    pr_num: int) -> tuple[FeatureStats, FeatureStats, np.ndarray, list[int]]:
     """Statistics of ``n`` reference images (every process reads its share): of the pool3
-    and of the spatial features, and the pool3 features of (up to) ``pr_num`` of them for
-    precision / recall."""
+    and of the spatial features, the pool3 features of (up to) ``pr_num`` of them for
+    precision / recall, and the keys of this process's unreadable images."""
     count, index = jax.process_count(), jax.process_index()
     per = math.ceil(n / count)
     keys = range(min(index * per, n), min((index + 1) * per, n))
@@ -156,8 +155,10 @@ def _reference_pass(source, n: int, resolution: int, batch: int, mesh, feat_fn, 
     batch_sh = sharding.batch_sharding(mesh)
     reader = ev._Reader(source, keys, resolution, full_size=False)
     stats, stats_s, kept, n_kept, share = FeatureStats(), FeatureStats(), [], 0, math.ceil(pr_num / count)
+    skipped: list[int] = []
     try:
-        for _, x, valid in ev._read_batches(reader, keys, lb, max(1, math.ceil(per / lb)), resolution):
+        for these, x, valid in ev._read_batches(reader, keys, lb, max(1, math.ceil(per / lb)), resolution):
+            skipped += [k for k, ok in zip(these, valid) if not ok]
             gx = sharding.global_batch({"image": x}, batch_sh)["image"]
             pool, _, spatial = ev._to_local(feat_fn(inc_st, gx), mesh)
             stats.update(pool[valid])
@@ -168,7 +169,7 @@ def _reference_pass(source, n: int, resolution: int, batch: int, mesh, feat_fn, 
     finally:
         reader.close()
     stats, stats_s = ev._gather_stats(stats, pool.shape[1]), ev._gather_stats(stats_s, spatial.shape[1])
-    return stats, stats_s, _gather_rows(kept, share, pool.shape[1])
+    return stats, stats_s, _gather_rows(kept, share, pool.shape[1]), skipped
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -295,13 +296,12 @@ def evaluate_generation(
             log.info("reference statistics from the cache %s (%d images)", ref_cache, n_ref)
         else:
             log.info("reference: %d images of %s at %dx%d", n_ref, ref_desc, resolution, resolution)
-            skipped_before = set(tf_lib.skipped_files())
-            stats, stats_s, ref_features = _reference_pass(
+            stats, stats_s, ref_features, skipped = _reference_pass(
                 source, n_ref, resolution, bs.batch, mesh, feat_fn, inc_st,
                 pr_num if precision_recall else 0)
-            skipped = sorted(set(tf_lib.skipped_files()) - skipped_before)
-            if skipped:
-                warnings_out.append(f"{len(skipped)} unreadable reference images skipped: {skipped[:5]}")
+            if n_ref > stats.n:  # all processes' count; the names are this process's
+                warnings_out.append(f"{n_ref - stats.n} unreadable reference images skipped: "
+                                    f"{[source.describe(k) for k in skipped[:5]]}")
             n_ref = stats.n
             if n_ref < 2:
                 raise ValueError(f"only {n_ref} readable reference images; FID needs >= 2")

@@ -48,7 +48,10 @@ def _ramp(length: int, starts: list[int], start: int, tile: int, factor: int) ->
 
 
 def _shard_count(sharding) -> int:
-    """How many ways ``sharding`` (a NamedSharding) splits an array's first dimension."""
+    """How many ways ``sharding`` (a NamedSharding, or a single device's) splits an array's
+    first dimension."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return 1
     spec = tuple(sharding.spec)
     axes = spec[0] if spec else None
     if axes is None:
@@ -59,7 +62,7 @@ def _shard_count(sharding) -> int:
 
 def decode_tiled(decode_fn: Callable[[jax.Array], jax.Array], z: jax.Array, *, factor: int,
                  tile: int = 32, overlap: int = 8, tiles_per_call: int = 4,
-                 sharding: NamedSharding | None = None) -> np.ndarray:
+                 sharding: NamedSharding | jax.sharding.SingleDeviceSharding | None = None) -> np.ndarray:
     """Decode ``z`` [B, h, w, C] with ``decode_fn`` ([n, t, t, C] -> [n, t·f, t·f, 3]).
 
     ``factor`` is the autoencoder's downsampling factor; returns float32 numpy
@@ -69,8 +72,8 @@ def decode_tiled(decode_fn: Callable[[jax.Array], jax.Array], z: jax.Array, *, f
     trainers' batch sharding; the mesh may span processes, which then all pass the same
     ``z``), each call's tiles are split over the mesh's devices instead of every device
     decoding all of them: ``tiles_per_call`` is rounded up to a multiple of the number of
-    shards, and the decoded tiles are gathered on every process. Without it the tiles go to
-    jax's default placement. The next call is dispatched before the previous one's tiles
+    shards, and the decoded tiles are gathered on every process. A ``SingleDeviceSharding``
+    puts every tile on that device. Without it the tiles go to jax's default placement. The next call is dispatched before the previous one's tiles
     are fetched and blended on the host, so decoding and blending overlap.
     """
     z = np.asarray(z)

@@ -242,6 +242,33 @@ def test_folder_every_image_counted_once(ae_dir, tmp_path):
     assert r["data"]["num_evaluated"] == 5 and r["batch_size"] == 8 and r["notes"]
 
 
+def test_full_size_on_several_devices_equals_one_device(ae_dir, tmp_path):
+    """The full-size pass scores image by image on several local devices at once (one
+    worker each, every k-th image): every image once, the same per-image numbers as on
+    one device, and a corrupt file still skipped."""
+    root = str(tmp_path / "imgs")
+    _write_folder(root, 7)  # 8 files, 1 corrupt; 36-44 x 40-48 px, all padded to 64x64
+    runs = {}
+    for k in (1, 3):
+        out = tmp_path / f"out{k}"
+        r = evaluate.evaluate_autoencoder(ae_dir, f"folder:{root}", batch_size=8, full_size=True,
+                                          lpips="none", fid=False, out_dir=str(out), full_size_devices=k)
+        assert r["full_size"]["devices_per_process"] == k and r["full_size"]["num_images"] == 7
+        assert [os.path.basename(p) for p in r["data"]["skipped_files"]] == ["zz_broken.png"]
+        with open(out / "per_image.csv") as fh:
+            runs[k] = list(csv.DictReader(fh))
+    full_cols = ["full_psnr", "full_ssim", "full_l1"]
+    assert len(runs[1]) == len(runs[3]) == 7
+    for a, b in zip(runs[1], runs[3]):
+        assert a["image"] == b["image"]
+        for c in full_cols:
+            assert float(a[c]) == pytest.approx(float(b[c]), rel=1e-6, abs=1e-7), (a["image"], c)
+    assert len({row["full_psnr"] for row in runs[3]}) > 1
+    with pytest.raises(ValueError, match="full_size_devices must be >= 0"):
+        evaluate.evaluate_autoencoder(ae_dir, f"folder:{root}", full_size=True, lpips="none", fid=False,
+                                      out_dir=str(tmp_path / "bad"), full_size_devices=-1)
+
+
 def test_missing_weights_stop_with_clear_errors(ae_dir, tmp_path, no_weights, capsys):
     with pytest.raises(LPIPSWeightsMissingError, match="vgg16-397923af.pth"):
         evaluate.evaluate_autoencoder(ae_dir, "embedded", batch_size=8, fid=False,
