@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,6 +26,27 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config"])
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with an unknown ``--config.KEY`` reported in one line (the
+    closest keys, the keys that exist) instead of ml_collections' traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        from ldm_jax import config_lib
+
+        spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+        msg = None
+        if spec:
+            config = config_lib.load_config(spec)
+            for a in argv[1:]:
+                if a.startswith("--config.") and (msg := config_lib.unknown_key_message(
+                        config, a[len("--config."):].split("=", 1)[0])):
+                    msg = f"{a.split('=', 1)[0]}: {msg}"
+                    break
+        print(f"error: {msg or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -54,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

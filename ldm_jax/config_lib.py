@@ -194,6 +194,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """``None`` if the dotted ``key`` names a field of ``config``; else what is wrong with it:
+    the first part that does not exist, the closest names and the keys that do exist there."""
+    import difflib
+
+    node, done = config, []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"unknown config key {key!r}: {'.'.join(done)} is a value, not a group"
+        if part not in node:
+            where = f"in {'.'.join(done)}" if done else "at the top level"
+            names = sorted(node.keys())
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr('.'.join(done + [c])) for c in close)}?" if close else ""
+            return f"unknown config key {key!r}{hint} (keys {where}: {', '.join(names)})"
+        node = node[part]
+        done.append(part)
+    return None
+
+
 def set_fields(config: ml_collections.ConfigDict, overrides: dict, *, parse: bool = False):
     """Set dotted fields (``{"model.remat": True, "mesh.fsdp": 4}``) in place; returns ``config``.
 
@@ -208,7 +228,7 @@ def set_fields(config: ml_collections.ConfigDict, overrides: dict, *, parse: boo
             if parse:
                 cur = node[last]
         except (KeyError, AttributeError) as e:
-            raise ValueError(f"unknown config key {key!r}") from e
+            raise ValueError(unknown_key_message(config, key) or f"unknown config key {key!r}") from e
         if parse:
             if isinstance(cur, bool):
                 value = str(value) in ("1", "true", "True")
@@ -383,6 +403,7 @@ def ldm_base_config() -> ml_collections.ConfigDict:
     # A VAE-GAN workdir (its latest checkpoint) or a converted pretrained directory
     # (`python -m ldm_jax.convert autoencoder-import ...`). Required for space="latent".
     c.autoencoder_path = ""
+    c.autoencoder_workdir = c.get_ref("autoencoder_path")  # the same field under a second name
     c.image_resolution = 256  # images fed to the encoder (and decoded samples)
     # Start the U-Net from these weights: a converted pretrained directory
     # (python -m ldm_jax.convert unet-import ...) or an LDM workdir (its EMA weights).

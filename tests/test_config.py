@@ -222,6 +222,36 @@ def test_cli_override_of_unknown_key_fails():
         _parse(f"--config={_path('vae_f8')}:huge")
 
 
+def test_cli_autoencoder_workdir_is_autoencoder_path():
+    """``--config.autoencoder_workdir`` (the issue's name) sets ``autoencoder_path``, and
+    the other way round: one field under two names."""
+    c = _parse(f"--config={_path('ldm_f8')}:demo", "--config.autoencoder_workdir=/runs/vae").config
+    assert c.autoencoder_path == "/runs/vae" == c.autoencoder_workdir
+    c = _parse(f"--config={_path('ldm_f8')}:demo", "--config.autoencoder_path=/runs/vae2").config
+    assert c.autoencoder_workdir == "/runs/vae2"
+    config_lib.validate_ldm_config(c, num_devices=8)
+
+
+def test_train_py_unknown_config_key_is_one_clear_line():
+    """A mistyped override stops train.py with status 2 and one line naming the flag, the
+    closest keys and the keys that exist there, not a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import cpu_env
+
+    r = subprocess.run([sys.executable, "train.py", f"--config={_path('ldm_f8')}:demo",
+                        "--config.latent.scale=0.2", "--config.dtype=float32"],
+                       cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --config.latent.scale: unknown config key 'latent.scale'; did you mean ")
+    assert "'latent.scale_factor'" in err and "(keys in latent: cache, " in err
+    msg = config_lib.unknown_key_message(config_lib.load_config(f"{_path('ldm_f8')}:demo"), "model.remat.x")
+    assert msg == "unknown config key 'model.remat.x': model.remat is a value, not a group"
+
+
 def test_cli_locked_config_rejects_new_attributes():
     c = _parse(f"--config={_path('vae_f8')}:tiny").config
     with pytest.raises(AttributeError):
