@@ -29,10 +29,25 @@ flags.mark_flags_as_required(["config"])
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, with an unknown ``--config.KEY`` reported in one line (the
-    closest keys, the keys that exist) instead of ml_collections' traceback."""
+    """absl's flag parsing, with config mistakes reported as one ``error:`` message and exit
+    status 2 instead of a traceback: a missing config file, an unknown ``:variant``, a value
+    of the wrong type, an unknown ``--config.KEY`` (with the closest keys and the keys that
+    exist there)."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.trainer  # noqa: B018 (a config file that failed to load raises here)
+        return rest
+    except OSError as e:  # ml_collections' "Failed loading config file ...", with the path tried
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        print(f"error: --config: cannot load the config file ({lines[-1] if lines else e})", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:  # a value of the wrong type, or get_config raised (e.g. an unknown :variant)
+        msg = str(e)
+        if "Traceback (most recent call last)" in msg:  # config_flags embeds get_config's traceback
+            last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+            msg = f"{msg.splitlines()[0].rstrip(':')}: {last.split(': ', 1)[-1]}"
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
     except (KeyError, AttributeError) as e:
         from ldm_jax import config_lib
 
@@ -72,7 +87,17 @@ def main(argv):
         raise app.UsageError(f"unknown trainer {config.trainer!r} in config (known: vae_gan, ldm)")
     if jax.process_index() == 0:
         logging.info("workdir: %s", os.path.abspath(workdir))
-    trainer.train_and_evaluate(config, workdir)
+    from ldm_jax.config_lib import ConfigError
+    from ldm_jax.convert.inception_weights import InceptionWeightsMissingError
+    from ldm_jax.models.lpips import LPIPSWeightsMissingError
+    from ldm_jax.pretrained import PretrainedError
+
+    try:
+        trainer.train_and_evaluate(config, workdir)
+    except (ConfigError, LPIPSWeightsMissingError, InceptionWeightsMissingError, PretrainedError) as e:
+        # what to change is in the message; the traceback would only bury it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ from typing import Any
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+    """A config (or the data it names) that cannot run: unknown keys, impossible values, a
+    missing data folder. ``train.py`` prints the message alone, without a traceback."""
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -176,7 +182,7 @@ def with_variant(c: ml_collections.ConfigDict, arg: str | None,
     variants = VARIANTS if variants is None else variants
     arg = (arg or "").strip()
     if arg not in variants:
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {sorted(k for k in variants if k)}")
+        raise ConfigError(f"unknown config variant {arg!r}; choose one of {sorted(k for k in variants if k)}")
     if variants[arg] is not None:
         variants[arg](c)
         c.name = f"{c.name}_{arg}"
@@ -228,7 +234,7 @@ def set_fields(config: ml_collections.ConfigDict, overrides: dict, *, parse: boo
             if parse:
                 cur = node[last]
         except (KeyError, AttributeError) as e:
-            raise ValueError(unknown_key_message(config, key) or f"unknown config key {key!r}") from e
+            raise ConfigError(unknown_key_message(config, key) or f"unknown config key {key!r}") from e
         if parse:
             if isinstance(cur, bool):
                 value = str(value) in ("1", "true", "True")
@@ -267,7 +273,7 @@ REMAT_POLICIES = ("full", "minimal")
 
 def _raise_if_invalid(errors: list[str]) -> None:
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def _start_validation(c: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
@@ -333,7 +339,7 @@ def _check_run_settings(c: ml_collections.ConfigDict, need: Callable[[bool, str]
 
 
 def validate_vae_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ``ValueError`` listing every unknown key and impossible value."""
+    """Raise ``ConfigError`` listing every unknown key and impossible value."""
     errors: list[str] = []
     need = _start_validation(c, vae_base_config(), errors)
 
@@ -526,7 +532,7 @@ LDM_VARIANTS = {"": None, "tiny": apply_ldm_tiny, "demo": apply_ldm_demo}
 
 
 def validate_ldm_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ``ValueError`` listing every unknown key and impossible value of an LDM config."""
+    """Raise ``ConfigError`` listing every unknown key and impossible value of an LDM config."""
     errors: list[str] = []
     need = _start_validation(c, ldm_base_config(), errors)
 

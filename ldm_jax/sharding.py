@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldm_jax.config_lib import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Arrays with fewer elements than this stay replicated under FSDP (norm scales, biases...).
@@ -24,18 +26,18 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int]:
     """Resolve ``{data: -1, fsdp: k}``-style sizes against the device count."""
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sum(s == -1 for s in sizes) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if num_devices % known:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices: "
             f"{known} does not divide {num_devices}"
         )
     sizes = [num_devices // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} devices but "
             f"{num_devices} are available; set one axis to -1"
         )
@@ -46,7 +48,7 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = int(mesh_cfg.get("num_devices", -1)) if hasattr(mesh_cfg, "get") else -1
     if n > len(devices):
-        raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices are available")
+        raise ConfigError(f"mesh.num_devices={n} but only {len(devices)} devices are available")
     if n > 0:
         devices = devices[:n]
     shape = mesh_shape(mesh_cfg, len(devices))

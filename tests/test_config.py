@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 import pytest
@@ -232,22 +233,45 @@ def test_cli_autoencoder_workdir_is_autoencoder_path():
     config_lib.validate_ldm_config(c, num_devices=8)
 
 
-def test_train_py_unknown_config_key_is_one_clear_line():
-    """A mistyped override stops train.py with status 2 and one line naming the flag, the
-    closest keys and the keys that exist there, not a traceback."""
+def _train_py_error(tmp_path, *args: str) -> str:
+    """``train.py ARGS`` must stop with status 2 and an ``error:`` message, no traceback."""
     import subprocess
     import sys
 
     from conftest import cpu_env
 
-    r = subprocess.run([sys.executable, "train.py", f"--config={_path('ldm_f8')}:demo",
-                        "--config.latent.scale=0.2", "--config.dtype=float32"],
+    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), *args,
+                        f"--workdir={tmp_path / 'wd'}"],
                        cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = r.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert r.returncode == 2, r.stderr[-3000:]
+    log_line = re.compile(r"^[IW]\d{4} \d\d:\d\d:|.* (INFO|WARNING) ")  # absl / logging lines
+    err = "\n".join(ln for ln in r.stderr.splitlines() if not log_line.match(ln)).strip()
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+    return err
+
+
+def test_train_py_config_mistakes_are_clear_errors(tmp_path):
+    """Mistakes in train.py's config flags stop it with status 2 and a message saying what
+    to change, not a traceback: a mistyped key (one line: the closest keys and the keys that
+    exist there), a missing file, an unknown variant, a value of the wrong type, a value the
+    validation rejects, a data folder that does not exist."""
+    err = _train_py_error(tmp_path, f"--config={_path('ldm_f8')}:demo", "--config.latent.scale=0.2")
+    assert len(err.splitlines()) == 1, err
     assert err.startswith("error: --config.latent.scale: unknown config key 'latent.scale'; did you mean ")
     assert "'latent.scale_factor'" in err and "(keys in latent: cache, " in err
+    err = _train_py_error(tmp_path, "--config=configs/no_such_config.py")
+    assert err == ("error: --config: cannot load the config file ([Errno 2] No such file or directory: "
+                   "'configs/no_such_config.py')")
+    err = _train_py_error(tmp_path, f"--config={_path('vae_f8')}:huge")
+    assert err.endswith("unknown config variant 'huge'; choose one of ['demo', 'tiny']"), err
+    err = _train_py_error(tmp_path, f"--config={_path('vae_f8')}:tiny", "--config.model.ch=abc")
+    assert "--config.model.ch=abc" in err and "invalid literal for int()" in err
+    err = _train_py_error(tmp_path, f"--config={_path('vae_f8')}:tiny", "--config.num_train_steps=0")
+    assert err == "error: invalid config:\n  num_train_steps must be >= 1"
+    err = _train_py_error(tmp_path, f"--config={_path('vae_f8')}:tiny", "--config.data.source=folder",
+                          f"--config.data.path={tmp_path / 'missing'}")
+    assert err == f"error: data_cfg.path={str(tmp_path / 'missing')!r} is not an existing folder (source='folder')."
     msg = config_lib.unknown_key_message(config_lib.load_config(f"{_path('ldm_f8')}:demo"), "model.remat.x")
     assert msg == "unknown config key 'model.remat.x': model.remat is a value, not a group"
 

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ldm_jax.config_lib import ConfigError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Real colour photographs in skimage/data (scikit-image 0.24–0.26 wheels). Grayscale
@@ -103,7 +105,7 @@ class EmbeddedSource(FileListSource):
         files = EMBEDDED_TRAIN_FILES if split == "train" else EMBEDDED_EVAL_FILES
         missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"data_cfg.source='embedded': {missing} not found in {root}. This "
                 "scikit-image install lacks its bundled sample images; reinstall it "
                 "from the PyPI wheel (pip install --force-reinstall scikit-image) or use "
@@ -118,7 +120,7 @@ def embedded_data_dir() -> str:
     """``site-packages/skimage/data`` without importing scikit-image."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ConfigError(
             "data_cfg.source='embedded' reads the sample photographs shipped with "
             "scikit-image, which is not installed: pip install scikit-image "
             "(or use source='folder' / 'tfds')."
@@ -170,19 +172,19 @@ class FolderSource(FileListSource):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if not root:
-            raise ValueError("data_cfg.path is empty; set it to a folder of images for source='folder'.")
+            raise ConfigError("data_cfg.path is empty; set it to a folder of images for source='folder'.")
         if not os.path.isdir(root):
-            raise ValueError(f"data_cfg.path={root!r} is not an existing folder (source='folder').")
+            raise ConfigError(f"data_cfg.path={root!r} is not an existing folder (source='folder').")
         files = list_image_files(root)
         if not files:
-            raise ValueError(
+            raise ConfigError(
                 f"data_cfg.path={root!r} contains no images (looked recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)."
             )
         want_eval = split == "eval"
         chosen = [f for f in files if in_holdout(f, eval_holdout) == want_eval]
         if not chosen:
-            raise ValueError(
+            raise ConfigError(
                 f"The {split} split of {root!r} is empty: {len(files)} images with "
                 f"data_cfg.eval_holdout={eval_holdout}. "
                 + ("Increase eval_holdout or add images." if want_eval
@@ -209,7 +211,7 @@ class TfdsSource:
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise ValueError(
+            raise ConfigError(
                 "data_cfg.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets"
             ) from e
         self._name, self._split, self._image_key = name, split, image_key
@@ -223,7 +225,7 @@ class TfdsSource:
                 decoders={image_key: tfds.decode.SkipDecoding()},
             )
         except Exception as e:
-            raise ValueError(
+            raise ConfigError(
                 f"Could not open tfds dataset {name!r} split {split!r} (data_dir="
                 f"{data_dir or 'default'}): {_decode_error(e)}. Prepare it as ArrayRecord "
                 f"first, e.g. `tfds build {name.split('/')[0]} --file_format=array_record"
@@ -231,10 +233,10 @@ class TfdsSource:
                 + ", and check tfds_name / train_split / eval_split / tfds_data_dir."
             ) from e
         if len(self._ds) == 0:
-            raise ValueError(f"tfds dataset {name!r} split {split!r} is empty.")
+            raise ConfigError(f"tfds dataset {name!r} split {split!r} is empty.")
         first = self._ds[0]
         if image_key not in first:
-            raise ValueError(
+            raise ConfigError(
                 f"data_cfg.image_key={image_key!r} is not a feature of tfds dataset "
                 f"{name!r}; features: {sorted(first)}."
             )
@@ -280,21 +282,21 @@ def make_source(data_cfg, split: str):
     if kind == "folder":
         holdout = data_cfg.get("eval_holdout", 0.05)
         if not isinstance(holdout, (int, float)) or not 0.0 < float(holdout) < 1.0:
-            raise ValueError(f"data_cfg.eval_holdout must be a float in (0, 1), got {holdout!r}.")
+            raise ConfigError(f"data_cfg.eval_holdout must be a float in (0, 1), got {holdout!r}.")
         return FolderSource(data_cfg.get("path", ""), split, float(holdout))
     if kind == "tfds":
         name = data_cfg.get("tfds_name", "")
         if not name:
-            raise ValueError("data_cfg.tfds_name is empty; set it, e.g. 'imagenette/320px-v2'.")
+            raise ConfigError("data_cfg.tfds_name is empty; set it, e.g. 'imagenette/320px-v2'.")
         field = "train_split" if split == "train" else "eval_split"
         tfds_split = data_cfg.get(field, "train" if split == "train" else "validation")
         if not tfds_split:
-            raise ValueError(f"data_cfg.{field} is empty; set a tfds split such as 'train'.")
+            raise ConfigError(f"data_cfg.{field} is empty; set a tfds split such as 'train'.")
         return TfdsSource(
             name, tfds_split, data_cfg.get("tfds_data_dir", "") or None,
             data_cfg.get("image_key", "image") or "image",
             data_cfg.get("label_key", "label") or "",
         )
-    raise ValueError(
+    raise ConfigError(
         f"Unknown data_cfg.source={kind!r}; expected one of 'embedded', 'folder', 'tfds'."
     )

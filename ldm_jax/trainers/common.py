@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.config_lib import LR_DECAYS
+from ldm_jax.config_lib import LR_DECAYS, ConfigError
 
 log = logging.getLogger("ldm_jax")
 
@@ -127,7 +127,7 @@ def lr_schedule(peak: float, optim, total_steps: int) -> Callable[[Any], jax.Arr
     there after it)."""
     warmup, decay = int(optim.warmup_steps), optim.lr_decay
     if decay not in LR_DECAYS:
-        raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+        raise ConfigError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}")
     end, span = peak * float(optim.min_lr_ratio), max(int(total_steps) - warmup, 1)
     if decay == "constant":
         after = optax.constant_schedule(peak)

@@ -113,7 +113,7 @@ def latent_shape(config: ml_collections.ConfigDict, ae_cfg) -> tuple[int, int, i
         return (r, r, 3)
     f = ae_cfg.downsample_factor
     if r % f:
-        raise ValueError(f"image_resolution={r} is not divisible by the autoencoder's factor {f}")
+        raise config_lib.ConfigError(f"image_resolution={r} is not divisible by the autoencoder's factor {f}")
     return (r // f, r // f, ae_cfg.embed_dim)
 
 
@@ -358,11 +358,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if num_classes:
         names = data.class_names(config.data)
         if not names:
-            raise ValueError(f"model.num_classes={num_classes} but the training data has no class "
-                             "labels (use a folder with one sub-folder per class, a tfds dataset "
-                             "with a label feature, or model.num_classes=0)")
+            raise config_lib.ConfigError(
+                f"model.num_classes={num_classes} but the training data has no class labels (use a "
+                "folder with one sub-folder per class, a tfds dataset with a label feature, or "
+                "model.num_classes=0)")
         if len(names) > num_classes:
-            raise ValueError(f"the data has {len(names)} classes but model.num_classes={num_classes}")
+            raise config_lib.ConfigError(
+                f"the data has {len(names)} classes but model.num_classes={num_classes}")
     models = Models(unet=None, ae=ae_gd)
     res = config.image_resolution
     if config.latent.cache and config.space == "latent":

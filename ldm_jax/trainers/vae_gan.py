@@ -315,6 +315,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if lpips_state is not None:
         lpips_state = jax.device_put(lpips_state, sharding.replicated(mesh))
 
+    # ---- data (before any model work: a bad data setting stops the run at once) -----------
+    res = config.model.resolution
+    train_iter = data.create_train_iterator(
+        config.data, resolution=res, global_batch_size=config.global_batch_size, seed=config.seed)
+    eval_batches = data.create_eval_batches(
+        config.data, resolution=res, batch_size=config.eval_batch_size,
+        num_images=config.num_eval_images)
+    batch_sh = sharding.batch_sharding(mesh)
+
     # ---- model and optimizer init (born sharded) ------------------------------------------
     gen_lr, disc_lr = learning_rates(config)
     gen_tx, disc_tx = make_optimizer(gen_lr, config), make_optimizer(disc_lr, config)
@@ -328,15 +337,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_disc = sum(x.size for x in jax.tree.leaves(state.disc_params))
     _log_once(f"autoencoder {n_params / 1e6:.2f}M params, discriminator {n_disc / 1e6:.2f}M; "
               f"mesh {dict(mesh.shape)}; lr {gen_lr:.3g} (disc {disc_lr:.3g})")
-
-    # ---- data ----------------------------------------------------------------------------
-    res = config.model.resolution
-    train_iter = data.create_train_iterator(
-        config.data, resolution=res, global_batch_size=config.global_batch_size, seed=config.seed)
-    eval_batches = data.create_eval_batches(
-        config.data, resolution=res, batch_size=config.eval_batch_size,
-        num_images=config.num_eval_images)
-    batch_sh = sharding.batch_sharding(mesh)
 
     # ---- checkpoint restore (or initial weights) -------------------------------------------
     if latest is None and config.init_from:
