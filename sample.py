@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 from absl import app, flags
 
@@ -66,8 +67,9 @@ def main(argv):
             _WORKDIR.value, num=_NUM.value, seed=_SEED.value, steps=_STEPS.value, sampler=_SAMPLER.value,
             eta=_ETA.value, cfg_scale=_CFG.value, classes=_CLASS.value, size=_SIZE.value,
             batch=_BATCH.value, tile_overlap=_TILE.value, use_ema=not _NOEMA.value)
-    except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from e
+    except (ValueError, FileNotFoundError) as e:  # a wrong workdir or setting: the message says which
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     is_main = jax.process_index() == 0  # every process samples; the first one writes
     out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
     tag = info["tag"]

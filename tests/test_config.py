@@ -233,14 +233,14 @@ def test_cli_autoencoder_workdir_is_autoencoder_path():
     config_lib.validate_ldm_config(c, num_devices=8)
 
 
-def _train_py_error(tmp_path, *args: str) -> str:
-    """``train.py ARGS`` must stop with status 2 and an ``error:`` message, no traceback."""
+def _train_py_error(tmp_path, *args: str, script: str = "train.py") -> str:
+    """``SCRIPT ARGS`` must stop with status 2 and an ``error:`` message, no traceback."""
     import subprocess
     import sys
 
     from conftest import cpu_env
 
-    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), *args,
+    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args,
                         f"--workdir={tmp_path / 'wd'}"],
                        cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -272,6 +272,9 @@ def test_train_py_config_mistakes_are_clear_errors(tmp_path):
     err = _train_py_error(tmp_path, f"--config={_path('vae_f8')}:tiny", "--config.data.source=folder",
                           f"--config.data.path={tmp_path / 'missing'}")
     assert err == f"error: data_cfg.path={str(tmp_path / 'missing')!r} is not an existing folder (source='folder')."
+    # sample.py: a workdir that is no LDM run, in one line instead of the usage text
+    err = _train_py_error(tmp_path, script="sample.py")  # the VAE-GAN workdir of the last run
+    assert err == f"error: {tmp_path / 'wd'} holds a 'vae_gan' run, not an LDM (trainer 'ldm')"
     msg = config_lib.unknown_key_message(config_lib.load_config(f"{_path('ldm_f8')}:demo"), "model.remat.x")
     assert msg == "unknown config key 'model.remat.x': model.remat is a value, not a group"
 
