@@ -686,8 +686,13 @@ def main(argv=None) -> None:
     _PROFILE.clear()
     if a.profile:
         _PROFILE.update(dir=os.path.abspath(a.profile), steps=a.profile_steps)
-    result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
-                flops_only=a.flops_only, compile_only=a.compile_only, **kw)
+    from ldm_jax.config_lib import ConfigError
+
+    try:
+        result = fn(a.config or config, a.batch or batch, a.steps or steps, a.warmup, overrides,
+                    flops_only=a.flops_only, compile_only=a.compile_only, **kw)
+    except (ConfigError, FileNotFoundError) as e:  # --config / --set mistakes, missing files
+        p.exit(2, f"error: {e}\n")
     if a.target:
         need = result["memory"].get("peak_bytes_estimate")
         have = gpu_targets.device_memory_bytes(a.target)

@@ -486,6 +486,17 @@ def test_bench_sample_cli(tmp_path):
     assert unet > 0 and r["flops_per_step"] == pytest.approx(f[1] + 3 * unet, rel=1e-12)
 
 
+def test_bench_cli_config_mistakes_are_one_error(capsys):
+    """A mistyped --set key or a missing --config file: status 2 and one error line."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(["unet", "--config", "configs/ldm_f8.py:tiny", "--set", "model.remmat=1", "--flops-only"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: unknown config key 'model.remmat'; did you mean ")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["unet", "--config", "configs/no_such.py", "--flops-only"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: config file 'configs/no_such.py' does not exist\n"
+
+
 @pytest.mark.parametrize("args", [["--compile-only"], ["--flops-only"], ["--profile-steps", "0"]])
 def test_bench_cli_profile_needs_a_timed_run(args, capsys):
     with pytest.raises(SystemExit) as e:
