@@ -73,8 +73,9 @@ def decode_tiled(decode_fn: Callable[[jax.Array], jax.Array], z: jax.Array, *, f
     ``z``), each call's tiles are split over the mesh's devices instead of every device
     decoding all of them: ``tiles_per_call`` is rounded up to a multiple of the number of
     shards, and the decoded tiles are gathered on every process. A ``SingleDeviceSharding``
-    puts every tile on that device. Without it the tiles go to jax's default placement. The next call is dispatched before the previous one's tiles
-    are fetched and blended on the host, so decoding and blending overlap.
+    puts every tile on that device. Without it the tiles go to jax's default placement. The
+    next call is dispatched before the previous one's tiles are fetched and blended on the
+    host, so decoding and blending overlap.
     """
     z = np.asarray(z)
     b, h, w, _ = z.shape

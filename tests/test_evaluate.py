@@ -269,6 +269,31 @@ def test_full_size_on_several_devices_equals_one_device(ae_dir, tmp_path):
                                       out_dir=str(tmp_path / "bad"), full_size_devices=-1)
 
 
+def test_reference_pass_reports_its_own_unreadable_images(tmp_path):
+    """The generation evaluation's reference pass returns the keys it could not read, every
+    time: a second pass in the same process (where the file registry already knows the file)
+    reports it again, and the statistics count only readable images."""
+    import jax
+
+    from ldm_jax import evaluate_generation, sharding
+
+    root = str(tmp_path / "imgs")
+    _write_folder(root, 5)  # 6 files, the last one corrupt
+    source = evaluate._open_source(evaluate.parse_data_spec(f"folder:{root}:all")[0], "all")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+
+    @jax.jit
+    def feat_fn(_, x):  # stand-in for the Inception: (pool, logits, spatial) per image
+        m = x.mean(axis=(1, 2))
+        return m, m, jnp.concatenate([m, m], axis=1)
+
+    for _ in range(2):
+        stats, stats_s, kept, skipped = evaluate_generation._reference_pass(
+            source, len(source), 16, 8, mesh, feat_fn, None, pr_num=4)
+        assert [os.path.basename(source.describe(k)) for k in skipped] == ["zz_broken.png"]
+        assert stats.n == stats_s.n == 5 and kept.shape == (4, 3)
+
+
 def test_missing_weights_stop_with_clear_errors(ae_dir, tmp_path, no_weights, capsys):
     with pytest.raises(LPIPSWeightsMissingError, match="vgg16-397923af.pth"):
         evaluate.evaluate_autoencoder(ae_dir, "embedded", batch_size=8, fid=False,
