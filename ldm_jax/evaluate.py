@@ -425,6 +425,19 @@ def _model_resolution_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader
             stats_real, stats_recon)
 
 
+def _on_device(tree: Any, device) -> Any:
+    """A copy of replicated arrays on one local ``device``. A replicated array of a
+    multi-process mesh is not fully addressable, so its local copy is moved, not the array."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError("internal error: the full-size pass needs replicated model states")
+            x = x.addressable_data(0)
+        return jax.device_put(x, device)
+
+    return None if tree is None else jax.tree.map(one, tree)
+
+
 def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factory, n: int,
                     factor: int, bucket: int, tile: int, overlap: int, inc_batch: int,
                     devices: int = 0):
@@ -464,7 +477,7 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
     feat_fn = None
     if inc_gd is not None:
         feat_fn = jax.jit(lambda st, x: nnx.merge(inc_gd, st)(x))
-        inc_st = jax.device_put(inc_st, devs[0])
+        inc_st = _on_device(inc_st, devs[0])
 
     local = {m: np.full((per,), np.nan) for m in _METRICS}
     local_keys = np.full((per,), -1, np.int64)
@@ -539,8 +552,7 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
 
     # Copies of the replicated states for each worker, made here: concurrent device_puts of
     # one array from several threads race inside jax.
-    states = [(jax.device_put(ae_st, d), jax.device_put(lp_st, d) if lp_st is not None else None)
-              for d in devs]
+    states = [(_on_device(ae_st, d), _on_device(lp_st, d)) for d in devs]
     reader = reader_factory(keys, full_size=True)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(devs)) as pool:

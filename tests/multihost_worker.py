@@ -14,7 +14,10 @@ with ``ldm_jax.sampling.sample_images`` on all processes and process 0 saves the
 to ``<spec["out"]>.samples.npy``. With ``spec["tiled"]`` it decodes a seeded random latent
 [3, 20, 14, 4] with ``ldm_jax.tiling.decode_tiled`` and a per-latent decoder (a fixed
 4 -> 3 channel map, upsampled 2x), the tiles split over the global mesh, and process 0
-saves the result to ``<spec["out"]>.tiled.npy``.
+saves the result to ``<spec["out"]>.tiled.npy``. With ``spec["evaluate"]`` (keyword
+arguments of ``ldm_jax.evaluate.evaluate_autoencoder``) it evaluates the trained
+autoencoder on all processes; process 0 writes the outputs and
+``<spec["out"]>.evaluate.json``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ def main() -> None:
                                     sharding=sharding.batch_sharding(mesh))
         if jax.process_index() == 0:
             np.save(f"{spec['out']}.tiled.npy", tiled)
+    if spec.get("evaluate"):
+        from ldm_jax import evaluate
+
+        r = evaluate.evaluate_autoencoder(spec["workdir"], **spec["evaluate"])
+        if jax.process_index() == 0:
+            with open(f"{spec['out']}.evaluate.json", "w") as f:
+                json.dump(r, f)
     out = dict(history={str(k): v for k, v in result["history"].items()}, batches=batches,
                process_index=jax.process_index(), process_count=jax.process_count(),
                device_count=jax.device_count(), final_step=result["final_step"])

@@ -20,6 +20,7 @@ a batch read twice after a restore) changes these numbers by 10-100%.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -179,12 +180,27 @@ def test_two_processes_then_resume_in_one(runs, tmp_path):
     train 2 steps and save; one 8-device process restores onto a (8, 1) mesh and finishes.
     Each process fed its own half of every global batch (disjoint stream positions, images
     identical to the 1-process stream's), both saw the same global losses, and the whole
-    run matches the uninterrupted 8-device run."""
+    run matches the uninterrupted 8-device run. The 2 processes also evaluate the
+    checkpoint (model resolution and full size, a folder with a corrupt file): the same
+    per-image numbers as one 8-device process, every image once."""
+    from PIL import Image
+
+    from ldm_jax import evaluate
+
     _, dp = runs["dp"]
     workdir = str(tmp_path / "wd")
+    folder = tmp_path / "eval_imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(7):  # 36-44 x 40-48 px: one padded full-size shape
+        Image.fromarray(rng.integers(0, 256, (36 + 4 * (i % 3), 40 + 8 * (i % 2), 3), np.uint8)).save(
+            folder / f"img_{i}.png")
+    (folder / "zz_broken.png").write_bytes(b"not a png")
+    ev_args = dict(data=f"folder:{folder}", batch_size=8, full_size=True, lpips="none", fid=False)
     spec = dict(workdir=workdir, out=str(tmp_path / "result"),
                 cache=jax.config.jax_compilation_cache_dir or "",
-                overrides=overrides(FSDP, num_train_steps=2))
+                overrides=overrides(FSDP, num_train_steps=2),
+                evaluate=dict(ev_args, out_dir=str(tmp_path / "eval2")))
     t0 = time.time()
     r0, r1 = run_processes(2, spec)
     print(f"2-process run: {time.time() - t0:.0f}s")
@@ -210,6 +226,23 @@ def test_two_processes_then_resume_in_one(runs, tmp_path):
                         if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     assert os.path.isfile(os.path.join(workdir, "config.json"))  # process 0 wrote it
+
+    # Evaluation on 2 processes (keys split between them, full size on each one's devices)
+    # against one process on the same checkpoint.
+    two = json.loads((tmp_path / "result.evaluate.json").read_text())
+    one = evaluate.evaluate_autoencoder(workdir, **ev_args, out_dir=str(tmp_path / "eval1"))
+    assert two["devices"]["processes"] == 2 and one["devices"]["processes"] == 1
+    for r in (one, two):
+        assert r["data"]["num_evaluated"] == 7 and r["full_size"]["num_images"] == 7
+        assert [os.path.basename(f) for f in r["data"]["skipped_files"]] == ["zz_broken.png"]
+    rows = {}
+    for name in ("eval1", "eval2"):
+        with open(tmp_path / name / "per_image.csv") as fh:
+            rows[name] = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows["eval1"]] == [r["image"] for r in rows["eval2"]]
+    for a, b in zip(rows["eval1"], rows["eval2"]):
+        for c in ("psnr", "ssim", "l1", "full_psnr", "full_ssim", "full_l1"):
+            assert float(a[c]) == pytest.approx(float(b[c]), rel=1e-4, abs=1e-5), (a["image"], c)
 
     resumed = vae_gan.train_and_evaluate(config(DP), workdir)
     assert resumed["start_step"] == 2 and sorted(resumed["history"]) == [3, 4]
