@@ -196,7 +196,9 @@ def test_two_processes_then_resume_in_one(runs, tmp_path):
         Image.fromarray(rng.integers(0, 256, (36 + 4 * (i % 3), 40 + 8 * (i % 2), 3), np.uint8)).save(
             folder / f"img_{i}.png")
     (folder / "zz_broken.png").write_bytes(b"not a png")
-    ev_args = dict(data=f"folder:{folder}", batch_size=8, full_size=True, lpips="none", fid=False)
+    # full size on 2 devices per process: each device compiles its own programs
+    ev_args = dict(data=f"folder:{folder}", batch_size=8, full_size=True, lpips="none", fid=False,
+                   full_size_devices=2)
     spec = dict(workdir=workdir, out=str(tmp_path / "result"),
                 cache=jax.config.jax_compilation_cache_dir or "",
                 overrides=overrides(FSDP, num_train_steps=2),
@@ -232,6 +234,7 @@ def test_two_processes_then_resume_in_one(runs, tmp_path):
     two = json.loads((tmp_path / "result.evaluate.json").read_text())
     one = evaluate.evaluate_autoencoder(workdir, **ev_args, out_dir=str(tmp_path / "eval1"))
     assert two["devices"]["processes"] == 2 and one["devices"]["processes"] == 1
+    assert two["full_size"]["devices_per_process"] == one["full_size"]["devices_per_process"] == 2
     for r in (one, two):
         assert r["data"]["num_evaluated"] == 7 and r["full_size"]["num_images"] == 7
         assert [os.path.basename(f) for f in r["data"]["skipped_files"]] == ["zz_broken.png"]
