@@ -28,6 +28,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 flags.mark_flags_as_required(["config"])
 
 
+def _fail(msg: str) -> None:
+    """A user's mistake: one ``error:`` message on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _parse_flags(argv):
     """absl's flag parsing, with config mistakes reported as one ``error:`` message and exit
     status 2 instead of a traceback: a missing config file, an unknown ``:variant``, a value
@@ -39,15 +45,13 @@ def _parse_flags(argv):
         return rest
     except OSError as e:  # ml_collections' "Failed loading config file ...", with the path tried
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        print(f"error: --config: cannot load the config file ({lines[-1] if lines else e})", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"--config: cannot load the config file ({lines[-1] if lines else e})")
     except flags.Error as e:  # a value of the wrong type, or get_config raised (e.g. an unknown :variant)
         msg = str(e)
         if "Traceback (most recent call last)" in msg:  # config_flags embeds get_config's traceback
             last = [ln for ln in msg.splitlines() if ln.strip()][-1]
             msg = f"{msg.splitlines()[0].rstrip(':')}: {last.split(': ', 1)[-1]}"
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        _fail(msg)
     except (KeyError, AttributeError) as e:
         from ldm_jax import config_lib
 
@@ -60,8 +64,7 @@ def _parse_flags(argv):
                         config, a[len("--config."):].split("=", 1)[0])):
                     msg = f"{a.split('=', 1)[0]}: {msg}"
                     break
-        print(f"error: {msg or e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(msg or str(e))
 
 
 def main(argv):
@@ -95,9 +98,7 @@ def main(argv):
     try:
         trainer.train_and_evaluate(config, workdir)
     except (ConfigError, LPIPSWeightsMissingError, InceptionWeightsMissingError, PretrainedError) as e:
-        # what to change is in the message; the traceback would only bury it
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))  # what to change is in the message; the traceback would only bury it
 
 
 if __name__ == "__main__":

@@ -449,9 +449,7 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
     count, index = jax.process_count(), jax.process_index()
     per = math.ceil(n / count)
     keys = range(min(index * per, n), min((index + 1) * per, n))
-    local_devs = jax.local_devices()
-    if devices < 0:
-        raise ValueError(f"full-size devices must be >= 0 (0: all local devices), got {devices}")
+    local_devs = jax.local_devices()  # devices >= 0: checked by evaluate_autoencoder
     devs = local_devs[:min(devices or len(local_devs), len(local_devs), max(1, len(keys)))]
     multiple = math.lcm(max(1, bucket), factor)
 
