@@ -233,21 +233,24 @@ def test_cli_autoencoder_workdir_is_autoencoder_path():
     config_lib.validate_ldm_config(c, num_devices=8)
 
 
-def _train_py_error(tmp_path, *args: str, script: str = "train.py") -> str:
-    """``SCRIPT ARGS`` must stop with status 2 and an ``error:`` message, no traceback."""
+def _train_py_error(tmp_path, *args: str, script: str = "train.py", workdir=None) -> str:
+    """``SCRIPT ARGS --workdir=WORKDIR`` (default ``tmp_path/wd``) must stop with status 2
+    and an ``error:`` message, no traceback; a train.py run leaves no workdir behind."""
+    workdir = workdir or tmp_path / "wd"
     import subprocess
     import sys
 
     from conftest import cpu_env
 
     r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args,
-                        f"--workdir={tmp_path / 'wd'}"],
+                        f"--workdir={workdir}"],
                        cwd=REPO_ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     log_line = re.compile(r"^[IW]\d{4} \d\d:\d\d:|.* (INFO|WARNING) ")  # absl / logging lines
     err = "\n".join(ln for ln in r.stderr.splitlines() if not log_line.match(ln)).strip()
     assert err.startswith("error: ") and "Traceback" not in err, err
-    assert not (tmp_path / "wd" / "checkpoints").exists()
+    if script == "train.py":  # no config.json, tensorboard or checkpoints of a run that never began
+        assert not os.path.exists(workdir), os.listdir(workdir)
     return err
 
 
@@ -273,8 +276,11 @@ def test_train_py_config_mistakes_are_clear_errors(tmp_path):
                           f"--config.data.path={tmp_path / 'missing'}")
     assert err == f"error: data_cfg.path={str(tmp_path / 'missing')!r} is not an existing folder (source='folder')."
     # sample.py: a workdir that is no LDM run, in one line instead of the usage text
-    err = _train_py_error(tmp_path, script="sample.py")  # the VAE-GAN workdir of the last run
-    assert err == f"error: {tmp_path / 'wd'} holds a 'vae_gan' run, not an LDM (trainer 'ldm')"
+    vae_wd = tmp_path / "vae"
+    vae_wd.mkdir()
+    (vae_wd / "config.json").write_text(config_lib.load_config(f"{_path('vae_f8')}:tiny").to_json())
+    err = _train_py_error(tmp_path, script="sample.py", workdir=vae_wd)
+    assert err == f"error: {vae_wd} holds a 'vae_gan' run, not an LDM (trainer 'ldm')"
     msg = config_lib.unknown_key_message(config_lib.load_config(f"{_path('ldm_f8')}:demo"), "model.remat.x")
     assert msg == "unknown config key 'model.remat.x': model.remat is a value, not a group"
 

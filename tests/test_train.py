@@ -197,7 +197,7 @@ def test_missing_lpips_weights_stop_full_recipe(tmp_path, monkeypatch):
     with pytest.raises(LPIPSWeightsMissingError, match="vgg16-397923af.pth") as e:
         vae_gan.train_and_evaluate(config, str(tmp_path / "wd"))
     assert "--config.loss.lpips_missing=disable" in str(e.value)  # the trainer's way around
-    assert not os.path.exists(os.path.join(tmp_path, "wd", "checkpoints"))
+    assert not os.path.exists(os.path.join(tmp_path, "wd"))  # no config.json, tensorboard, checkpoints
 
 
 def test_sigterm_saves_and_resumes(tmp_path):

@@ -194,17 +194,23 @@ def param_count(tree: Any) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def use_compilation_cache(config: Any) -> None:
+    """Point JAX's persistent compilation cache at ``config.compilation_cache_dir`` (if set);
+    called first, before anything is compiled."""
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+
+
 def prepare_workdir(config: Any, workdir: str):
-    """Create ``workdir``, set the compilation cache, write ``config.json`` (process 0) and
-    open the metric writer; returns ``(is_main, writer)``."""
+    """Create ``workdir``, write ``config.json`` (process 0) and open the metric writer;
+    returns ``(is_main, writer)``. The trainers call it once their data, weights and frozen
+    models are open, so a run stopped by a bad setting leaves nothing in ``workdir``."""
     import ml_collections
 
     from ldm_jax import metric_writers as mw
 
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

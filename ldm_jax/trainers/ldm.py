@@ -36,7 +36,8 @@ from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (FlatState, dtype, finite_and_norm, flat_step, init_sharded,
                                      log_once, lr_schedule, microbatch_mean, param_count,
-                                     prepare_workdir, run_training_loop, tree_where)
+                                     prepare_workdir, run_training_loop, tree_where,
+                                     use_compilation_cache)
 
 
 METRIC_NAMES = ("loss", "grad_norm", "lr", "ema_decay", "skipped")
@@ -340,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_ldm_config(config, num_devices=mesh.size)
-    is_main, writer = prepare_workdir(config, workdir)
+    use_compilation_cache(config)
     batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     # ---- frozen autoencoder ----------------------------------------------------------------
@@ -379,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_batches = data.create_eval_batches(config.data, resolution=res,
                                             batch_size=config.eval_batch_size,
                                             num_images=config.num_eval_images)
+    is_main, writer = prepare_workdir(config, workdir)  # (autoencoder and data are open)
 
     # ---- latent scale ------------------------------------------------------------------------
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)

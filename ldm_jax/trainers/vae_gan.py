@@ -47,7 +47,7 @@ from ldm_jax.models.lpips import LPIPSWeightsMissingError, create_lpips
 from ldm_jax.trainers.common import (FlatState, dtype as _dtype, finite_and_norm, flat_step,
                                      fresh as _fresh, init_sharded, lr_schedule, microbatch_mean,
                                      log_once as _log_once, prepare_workdir, run_training_loop,
-                                     tree_where as _tree_where)
+                                     tree_where as _tree_where, use_compilation_cache)
 
 
 METRIC_NAMES = (
@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
-    is_main, writer = prepare_workdir(config, workdir)
+    use_compilation_cache(config)
 
     # ---- LPIPS ---------------------------------------------------------------------------
     try:
@@ -323,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.data, resolution=res, batch_size=config.eval_batch_size,
         num_images=config.num_eval_images)
     batch_sh = sharding.batch_sharding(mesh)
+    is_main, writer = prepare_workdir(config, workdir)  # (weights and data are open)
 
     # ---- model and optimizer init (born sharded) ------------------------------------------
     gen_lr, disc_lr = learning_rates(config)
