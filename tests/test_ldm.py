@@ -52,6 +52,16 @@ def test_tiny_ldm_trains_on_8_devices(trained):
     png = os.path.join(workdir, "images", "samples_00000004.png")
     with Image.open(png) as im:
         assert im.mode == "RGB" and im.size[0] > 32 * 8
+        grid = np.asarray(im)
+    # The grid draws one key per sample, as sample.py does: it shows the first images of
+    # sample.py's --seed=config.seed+7 on the last checkpoint (within the float differences
+    # of two compiled programs), whatever the number of devices.
+    from ldm_jax import metric_writers as mw
+    from ldm_jax import sampling
+
+    imgs, _, _ = sampling.sample_images(workdir, num=config.num_image_samples, seed=config.seed + 7)
+    diff = np.abs(mw.image_grid([imgs]).astype(int) - grid.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 def test_scale_factor_is_one_over_latent_std(trained, ae_dir):

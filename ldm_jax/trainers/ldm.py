@@ -29,7 +29,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, config_lib, data, diffusion, pretrained, sharding
+from ldm_jax import checkpointing, config_lib, data, diffusion, pretrained, sampling, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
@@ -437,8 +437,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_step = jax.jit(make_eval_step(models, config, sched), out_shardings=rep)
     if config.num_image_samples > 0:  # 0: no sample grids (nothing compiled for them)
         n_img = -(-config.num_image_samples // mesh.size) * mesh.size
-        sample_step = jax.jit(make_sample_fn(models, config, sched, (n_img, *shape)),
-                              out_shardings=batch_sh)
+        grid_fn = make_sample_fn(models, config, sched, (n_img, *shape))
+
+        def sample_grid(params, rest, ae_state, seed_key, labels, scale):
+            # one key per sample, as sample.py: the grid does not depend on the device count
+            # and shows the first images of sample.py --seed=<config.seed + 7>
+            keys = jax.lax.with_sharding_constraint(sampling.sample_keys(seed_key, 0, n_img), batch_sh)
+            return grid_fn(params, rest, ae_state, keys, labels, scale)
+
+        sample_step = jax.jit(sample_grid, out_shardings=batch_sh)
         sample_labels = jax.device_put(np.arange(n_img, dtype=np.int32) % max(num_classes, 1), batch_sh)
 
     def run_eval(state: TrainState, step: int) -> dict:
