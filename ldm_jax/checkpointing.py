@@ -26,7 +26,9 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from ldm_jax import config_lib
 from ldm_jax.data.pipeline import TrainIterator
 from ldm_jax.models import layers
 
@@ -68,6 +70,11 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+class CheckpointMismatchError(config_lib.ConfigError):
+    """A checkpoint whose arrays do not fit the train state of the run resuming from it
+    (model or optimizer settings changed since it was written)."""
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, create: bool = True):
         _register_array_handler()
@@ -91,16 +98,28 @@ class Checkpointer:
         self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
+                config: Any = None) -> tuple[Any, dict]:
         """Restore ``step`` onto ``abstract_state``'s shardings; resets ``data_iterator`` in place.
 
         Works across mesh shapes and process counts. The iterator comes from this process's
         grain file if the checkpoint has one for the current process count, otherwise from
-        ``meta["data_state"]`` (process-independent iterators only)."""
+        ``meta["data_state"]`` (process-independent iterators only).
+
+        Before reading any array, the checkpoint's array shapes are compared with
+        ``abstract_state``'s: if they differ (or arrays are missing or extra) it raises
+        :class:`CheckpointMismatchError` naming them and, with ``config``, the settings
+        changed since the checkpoint (``meta["config"]``, recorded by the trainers); a
+        restore that fits logs the changed settings, if any, in one line."""
         step = int(step)
         meta = self.meta(step)  # first: it says which kernel layout the state has
         hwio = meta.get("conv_layout", "HWIO") != layers.CONV_LAYOUT
         target = _hwio_target(abstract_state) if hwio else abstract_state
+        changes = (config_lib.config_changes(meta["config"], config)
+                   if config is not None and isinstance(meta.get("config"), dict) else None)
+        self._check_fits(step, target, changes)
+        if changes and jax.process_index() == 0:
+            log.warning("settings changed since checkpoint %d: %s", step, "; ".join(changes))
         items = dict(state=ocp.args.StandardRestore(target))
         from_file = data_iterator is not None and os.path.isfile(self._data_file(step))
         if from_file:
@@ -127,6 +146,41 @@ class Checkpointer:
                     "iterator's state is per process; resume with the original process count.")
         return state, meta
 
+    def _check_fits(self, step: int, target: Any, changes: list[str] | None) -> None:
+        """Raise :class:`CheckpointMismatchError` unless checkpoint ``step`` holds an array of
+        the same shape for every array of ``target`` and nothing else."""
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+        have, want = _array_shapes(getattr(saved, "tree", saved)), _array_shapes(target)
+        # (model parameters first, then optimizer moments and EMA copies of them)
+        order = lambda k: ("opt" in k.split(".")[0] or k.startswith("ema"), k)  # noqa: E731
+        differ = sorted((k for k in have.keys() & want.keys() if have[k] != want[k]), key=order)
+        missing = sorted(want.keys() - have.keys(), key=order)
+        extra = sorted(have.keys() - want.keys(), key=order)
+        if not (differ or missing or extra):
+            return
+
+        def some(keys: list[str], fmt) -> str:
+            shown = ", ".join(fmt(k) for k in keys[:3])
+            return shown + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+        problems = []
+        if differ:
+            problems.append(f"{len(differ)} array(s) of another shape: " + some(
+                differ, lambda k: f"{k} {have[k]} in the checkpoint, {want[k]} in this run"))
+        if missing:
+            problems.append(f"{len(missing)} array(s) of this run not in it: {some(missing, str)}")
+        if extra:
+            problems.append(f"{len(extra)} array(s) this run does not have: {some(extra, str)}")
+        if changes is None:
+            why = "the checkpoint does not record its settings"
+        else:
+            why = ("settings changed since it was written: " + "; ".join(changes) if changes
+                   else "no setting changed, so the code that builds the model did")
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {self.directory} does not fit this run's train state ("
+            + "; ".join(problems) + f"); {why}. Resume with the settings that wrote it, or "
+            "start a new run in another --workdir.")
+
     def meta(self, step: int) -> dict:
         """The JSON metadata saved with ``step``."""
         return dict(self.manager.restore(int(step), args=ocp.args.Composite(
@@ -152,6 +206,13 @@ def read_meta(step_dir: str) -> dict:
                          "written by the ldm_jax trainers") from e
     finally:
         ckpt.close()
+
+
+def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{"a.b.0.kernel": shape}`` for every array (or array metadata) leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value"):  # (NNX)
+            tuple(int(d) for d in x.shape) for path, x in leaves if hasattr(x, "shape") and hasattr(x, "dtype")}
 
 
 def _hwio_target(abstract_state: Any) -> Any:

@@ -220,6 +220,44 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | No
     return None
 
 
+def as_plain(config: ml_collections.ConfigDict) -> dict:
+    """The config as JSON-compatible nested dicts (what checkpoints record of their run)."""
+    import json
+
+    return json.loads(config.to_json_best_effort())
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict, *, limit: int = 12) -> list[str]:
+    """``"key old -> new"`` for every dotted field whose value differs between ``saved`` (an
+    earlier run's :func:`as_plain`) and ``config``, fields only one of them has included
+    (at most ``limit`` entries, then ``"... and N more"``)."""
+    def flat(d: Any, prefix: str = "") -> dict:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    absent = object()
+
+    def show(v: Any) -> str:
+        if v is absent:
+            return "(absent)"
+        text = repr(tuple(v) if isinstance(v, list) else v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    old, new = flat(saved), flat(as_plain(config))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, absent), new.get(key, absent)
+        if a != b:
+            changes.append(f"{key} {show(a)} -> {show(b)}")
+    if len(changes) > limit:
+        changes = changes[:limit] + [f"... and {len(changes) - limit} more"]
+    return changes
+
+
 def set_fields(config: ml_collections.ConfigDict, overrides: dict, *, parse: bool = False):
     """Set dotted fields (``{"model.remat": True, "mesh.fsdp": 4}``) in place; returns ``config``.
 

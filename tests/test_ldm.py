@@ -145,6 +145,11 @@ def test_resume_reproduces_uninterrupted_run(trained, ae_dir, tmp_path):
     a, b = ldm.load_trained(full_dir), ldm.load_trained(part)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # another class count changes the label table: a clear error, not orbax's
+    from ldm_jax.checkpointing import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"params.class_embedding.embedding \(10, .*\(11, .*model.num_classes 9 -> 10"):
+        ldm.train_and_evaluate(tiny(autoencoder_path=ae_dir, **{"model.num_classes": 10}), part)
 
 
 def test_latent_cache_is_built_and_used_with_a_fixed_scale(ae_dir, tmp_path):

@@ -83,18 +83,34 @@ def test_both_models_change(sharded_run):
     assert not np.allclose(jax.tree.leaves(final["disc_stats"])[0], jax.tree.leaves(init["disc_stats"])[0])
 
 
-def test_resume_reproduces_uninterrupted_run(sharded_run, tmp_path):
+def test_resume_reproduces_uninterrupted_run(sharded_run, tmp_path, caplog):
     _, _, full = sharded_run
     workdir = str(tmp_path)
     first = vae_gan.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
     assert first["final_step"] == 2 and Checkpointer(workdir).latest_step() == 2
-    second = vae_gan.train_and_evaluate(tiny_config(), workdir)
+    with caplog.at_level("WARNING", logger="ldm_jax"):
+        second = vae_gan.train_and_evaluate(tiny_config(), workdir)
     assert second["start_step"] == 2 and sorted(second["history"]) == [3, 4]
+    # the settings that differ from the checkpoint's are named in one line
+    assert "settings changed since checkpoint 2: num_train_steps 2 -> 4" in caplog.text
     for step in (3, 4):
         for k, v in full["history"][step].items():
             if k in ("images_per_sec",):
                 continue
             assert second["history"][step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+    # A model that no longer fits the checkpoint stops before anything is read or written,
+    # naming the arrays and the settings that changed; config.json stays that of the run.
+    from ldm_jax.checkpointing import CheckpointMismatchError
+
+    saved = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(CheckpointMismatchError) as e:
+        vae_gan.train_and_evaluate(tiny_config(num_train_steps=6, **{"model.ch": 64}), workdir)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint 4 in {os.path.join(workdir, 'checkpoints')} does not fit"), msg
+    assert "gen_params.ae.decoder.conv_in.bias (64,) in the checkpoint, (128,) in this run" in msg
+    assert "settings changed since it was written: model.ch 32 -> 64; num_train_steps 4 -> 6." in msg
+    assert open(os.path.join(workdir, "config.json")).read() == saved
+    assert Checkpointer(workdir).latest_step() == 4
 
 
 def test_nan_guard_skips_step(tmp_path):

@@ -204,7 +204,8 @@ def use_compilation_cache(config: Any) -> None:
 def prepare_workdir(config: Any, workdir: str):
     """Create ``workdir``, write ``config.json`` (process 0) and open the metric writer;
     returns ``(is_main, writer)``. The trainers call it once their data, weights and frozen
-    models are open, so a run stopped by a bad setting leaves nothing in ``workdir``."""
+    models are open and the checkpoint (if any) is restored, so a run stopped by a bad
+    setting leaves ``workdir`` as it was (its ``config.json`` still that of its checkpoints)."""
     import ml_collections
 
     from ldm_jax import metric_writers as mw

@@ -380,7 +380,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_batches = data.create_eval_batches(config.data, resolution=res,
                                             batch_size=config.eval_batch_size,
                                             num_images=config.num_eval_images)
-    is_main, writer = prepare_workdir(config, workdir)  # (autoencoder and data are open)
 
     # ---- latent scale ------------------------------------------------------------------------
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -415,11 +414,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
         log_once(f"U-Net initialised from {where}")
     if latest is not None:
-        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter)
+        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter, config)
         state = TrainState(**restored)
         log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory}); "
                  f"scale factor {float(state.scale_factor):.5f}")
     start_step = int(jax.device_get(state.step))
+    # config.json and TensorBoard once the run is set to go: a run stopped by a bad setting,
+    # missing weights or a checkpoint that does not fit leaves the workdir as it was
+    is_main, writer = prepare_workdir(config, workdir)
     if is_main:
         with open(os.path.join(workdir, "latent.json"), "w") as f:
             json.dump({"scale_factor": float(jax.device_get(state.scale_factor)),
@@ -467,9 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
             mw.save_png(os.path.join(workdir, "images", f"samples_{step:08d}.png"), grid)
 
+    run_config = config_lib.as_plain(config)  # recorded in every checkpoint (checked on resume)
+
     def save(state: TrainState, step: int) -> None:
-        meta = dict(step=step, name=config.name, time=time.time(), skipped_files=data.skipped_count(),
-                    scale_factor=float(jax.device_get(state.scale_factor)))
+        meta = dict(step=step, name=config.name, time=time.time(), config=run_config,
+                    skipped_files=data.skipped_count(), scale_factor=float(jax.device_get(state.scale_factor)))
         ckpt.save(step, state.as_dict(), train_iter, meta)
 
     # ---- training loop ---------------------------------------------------------------------------

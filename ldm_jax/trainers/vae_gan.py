@@ -323,7 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.data, resolution=res, batch_size=config.eval_batch_size,
         num_images=config.num_eval_images)
     batch_sh = sharding.batch_sharding(mesh)
-    is_main, writer = prepare_workdir(config, workdir)  # (weights and data are open)
 
     # ---- model and optimizer init (born sharded) ------------------------------------------
     gen_lr, disc_lr = learning_rates(config)
@@ -346,10 +345,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = state.replace(gen_params={**state.gen_params, "ae": ae})
         _log_once(f"autoencoder initialised from {where}")
     if latest is not None:
-        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter)
+        restored, meta = ckpt.restore(latest, state.as_dict(), train_iter, config)
         state = TrainState(**restored)
         _log_once(f"resumed from checkpoint at step {latest} ({ckpt.directory})")
     start_step = int(jax.device_get(state.step))
+    # config.json and TensorBoard once the run is set to go: a run stopped by a bad setting,
+    # missing weights or a checkpoint that does not fit leaves the workdir as it was
+    is_main, writer = prepare_workdir(config, workdir)
 
     # ---- compiled functions ----------------------------------------------------------------
     rep = sharding.replicated(mesh)
@@ -387,8 +389,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 mw.save_png(os.path.join(workdir, "images", f"recon_{step:08d}.png"), grid)
         return result
 
+    run_config = config_lib.as_plain(config)  # recorded in every checkpoint (checked on resume)
+
     def save(state: TrainState, step: int) -> None:
-        meta = dict(step=step, name=config.name, time=time.time(),
+        meta = dict(step=step, name=config.name, time=time.time(), config=run_config,
                     skipped_files=data.skipped_count())
         ckpt.save(step, state.as_dict(), train_iter, meta)
 
