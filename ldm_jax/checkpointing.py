@@ -244,16 +244,29 @@ def _process_independent(data_iterator: Any) -> bool:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (TPU VM preemption, SLURM, ``kill``); the loop saves and exits cleanly."""
+    """Set by SIGTERM (TPU VM preemption, SLURM, ``kill``) or by a first Ctrl-C (SIGINT):
+    the loop saves a checkpoint after the current step and exits cleanly. A second Ctrl-C
+    raises ``KeyboardInterrupt`` at once (no save). ``reason`` names the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self._event = threading.Event()
-        self._previous = None
+        self._previous: dict = {}
+        self.reason: str | None = None
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        if signum == signal.SIGINT:
+            if self._event.is_set():
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: saving a checkpoint after this step and stopping "
+                        "(Ctrl-C again stops at once, without saving)")
+        else:
+            log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.reason = self.reason or signal.Signals(signum).name
         self._event.set()
 
     def is_set(self) -> bool:
@@ -275,6 +288,6 @@ class PreemptionFlag:
         return self.is_set()
 
     def restore_handler(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -259,6 +259,37 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert Checkpointer(workdir).latest_step() == saved + 1
 
 
+def test_first_ctrl_c_asks_for_a_save_second_stops_at_once():
+    """SIGINT sets the same flag as SIGTERM (the loop saves after the step and stops); a
+    second one raises KeyboardInterrupt; the previous handlers come back afterwards."""
+    import subprocess
+    import sys
+
+    from conftest import cpu_env
+
+    script = """
+import signal
+from ldm_jax.checkpointing import PreemptionFlag
+f = PreemptionFlag()
+assert not f.is_set()
+signal.raise_signal(signal.SIGINT)
+print("first", f.is_set(), f.reason)
+try:
+    signal.raise_signal(signal.SIGINT)
+    print("second: no interrupt")
+except KeyboardInterrupt:
+    print("second: KeyboardInterrupt")
+f.restore_handler()
+print("restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=cpu_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:3] == ["first True SIGINT", "second: KeyboardInterrupt", "restored True True"]
+    assert "Ctrl-C: saving a checkpoint after this step and stopping" in r.stderr
+
+
 def test_init_from_pretrained_autoencoder(tmp_path):
     """config.init_from starts the autoencoder from a converted/pretrained directory (the
     fine-tuning path); weights of another architecture fail with the list of mismatches.

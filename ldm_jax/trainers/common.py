@@ -243,7 +243,7 @@ def run_training_loop(config: Any, *, state: Any, start_step: int, train_step: C
     ``extra_scalars()`` and ``images_per_sec``, and the progress line shows
     ``progress_keys``; every ``eval_every_steps`` ``run_eval(state, step)``; every
     ``image_every_steps`` ``write_images(state, step)``; every ``checkpoint_every_steps``
-    ``save(state, step)``. The last step does all of them. SIGTERM (preemption) saves at
+    ``save(state, step)``. The last step does all of them. SIGTERM (preemption) or Ctrl-C saves at
     the next log boundary, agreed by all processes, and stops. ``ckpt`` and ``writer``
     are closed on the way out, on errors too.
 
@@ -300,7 +300,8 @@ def run_training_loop(config: Any, *, state: Any, start_step: int, train_step: C
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 save(current(), step)
             if stop:
-                log_once(f"stopped by SIGTERM at step {step}; checkpoint saved")
+                log_once(f"stopped by {preempt.reason or 'a signal to another process'} at step "
+                         f"{step}; checkpoint saved")
                 break
         writer.flush()
     finally:
