@@ -58,6 +58,10 @@ def run_one(name: str, config_spec: str, workdir: str, steps: int, overrides: di
     t0 = time.perf_counter()
     result = ldm.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - t0
+    if int(result["final_step"]) < steps:  # stopped by SIGTERM / Ctrl-C: a report would mislead
+        raise SystemExit(f"the {name} run stopped at step {result['final_step']} of {steps} (its "
+                         "checkpoint is saved); run the same command again to resume it and finish "
+                         "the comparison")
     hist = result["history"]
     record = os.path.join(workdir, TRAIN_RECORD)
     if hist:  # this invocation trained: its figures, kept for re-runs that only re-score

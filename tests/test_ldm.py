@@ -365,6 +365,19 @@ def test_init_from_a_trained_ldm(trained, ae_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_compare_stops_when_a_run_was_interrupted(tmp_path, monkeypatch):
+    """A run stopped early (SIGTERM / Ctrl-C: checkpoint saved, final step short of the
+    budget) ends the comparison with a message instead of a report on a partial run."""
+    from ldm_jax import compare
+
+    def stopped(config, workdir):
+        return {"history": {}, "eval": {}, "start_step": 0, "final_step": 7}
+
+    monkeypatch.setattr(ldm, "train_and_evaluate", stopped)
+    with pytest.raises(SystemExit, match="the pixel run stopped at step 7 of 20 .* run the same command again"):
+        compare.run_one("pixel", os.path.join(REPO_ROOT, "configs/pixel.py:tiny"), str(tmp_path), 20, {}, "")
+
+
 def test_latent_vs_pixel_report(ae_dir, tmp_path):
     """The comparison command trains both tiny models for the same budget (the pixel-space
     baseline through the same trainer), samples, scores (random Inception: a smoke run)
