@@ -9,7 +9,8 @@ A *pretrained directory* is what ``python -m ldm_jax.convert`` writes and what t
 
 A *VAE-GAN workdir* (``config.json`` + ``checkpoints/``) is accepted wherever an autoencoder
 is loaded: its latest checkpoint's autoencoder parameters are used. An *LDM workdir* is
-accepted for the U-Net (EMA parameters unless asked otherwise).
+accepted for the U-Net (EMA parameters unless asked otherwise). The model is built from the
+settings recorded in that checkpoint (``recorded_config``).
 
 Conv kernels are OHWI (``models.layers.CONV_LAYOUT``). Directories of format ``/1`` and
 checkpoints whose metadata has no ``conv_layout`` hold HWIO kernels; they load as before,
@@ -159,11 +160,9 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
         if meta.get("format") in _HWIO_FORMATS:
             params = layers.kernels_from_hwio(params)
         return meta["config"], params, f"pretrained {path}"
-    with open(os.path.join(path, "config.json")) as f:
-        run_cfg = json.load(f)
     if kind == "autoencoder" and what == "ldm":
         # An LDM workdir records where its autoencoder came from.
-        return load_params(run_cfg["autoencoder_path"], kind)
+        return load_params(recorded_config(path, _latest_step_dir(path))[0]["autoencoder_path"], kind)
     if kind == "autoencoder" and what == "vae_gan":
         key, sub, desc = "gen_params", "ae", "VAE-GAN checkpoint {}"  # gen_params: {ae, logvar}
     elif kind == "unet" and what == "ldm":
@@ -172,10 +171,22 @@ def load_params(path: str, kind: str, *, use_ema: bool = True) -> tuple[dict, An
     else:
         raise PretrainedError(f"{path} is a {what!r} workdir; it has no {kind!r} weights")
     step_dir = _latest_step_dir(path)
+    run_cfg, meta = recorded_config(path, step_dir)
     params = _restore_tree(os.path.join(step_dir, "state"), [key])[key]
-    if checkpointing.read_meta(step_dir).get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
+    if meta.get("conv_layout", "HWIO") != layers.CONV_LAYOUT:
         params = layers.kernels_from_hwio(params)
     return run_cfg["model"], params if sub is None else params[sub], desc.format(step_dir)
+
+
+def recorded_config(workdir: str, step_dir: str) -> tuple[dict, dict]:
+    """``(settings, metadata)`` of training checkpoint ``step_dir`` of ``workdir``: the
+    settings of the run that wrote it, as its metadata records them (the workdir's
+    ``config.json`` for checkpoints written before they did)."""
+    meta = checkpointing.read_meta(step_dir)
+    if isinstance(meta.get("config"), dict):
+        return meta["config"], meta
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f), meta
 
 
 def _check_fits(state: nnx.State, pure: Any, where: str) -> None:

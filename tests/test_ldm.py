@@ -365,6 +365,25 @@ def test_init_from_a_trained_ldm(trained, ae_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_loading_uses_the_settings_recorded_in_the_checkpoint(trained, tmp_path):
+    """sample.py / evaluate build the model from the settings stored with the checkpoint, not
+    from the workdir's config.json (which a later run in the same workdir rewrites)."""
+    import shutil
+
+    workdir, _, _ = trained
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["model_channels"] *= 2
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    a, b = ldm.load_trained(workdir), ldm.load_trained(copy)
+    assert b.config.model.model_channels == a.config.model.model_channels
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_compare_stops_when_a_run_was_interrupted(tmp_path, monkeypatch):
     """A run stopped early (SIGTERM / Ctrl-C: checkpoint saved, final step short of the
     budget) ends the comparison with a message instead of a report on a partial run."""

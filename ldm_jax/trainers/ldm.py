@@ -513,9 +513,12 @@ def load_trained(workdir: str, *, use_ema: bool = True, dtype_name: str | None =
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{workdir} has no config.json: not an LDM training workdir")
     with open(cfg_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if config.get("trainer") != "ldm":
-        raise ValueError(f"{workdir} holds a {config.get('trainer')!r} run, not an LDM (trainer 'ldm')")
+        trainer = json.load(f).get("trainer")
+    if trainer != "ldm":
+        raise ValueError(f"{workdir} holds a {trainer!r} run, not an LDM (trainer 'ldm')")
+    step_dir = pretrained._latest_step_dir(workdir)
+    # the settings of the run that wrote the checkpoint (recorded in it)
+    config = ml_collections.ConfigDict(pretrained.recorded_config(workdir, step_dir)[0])
     if dtype_name:
         config.dtype = dtype_name
     ae_gd = ae_state = ae_cfg = None
@@ -526,7 +529,6 @@ def load_trained(workdir: str, *, use_ema: bool = True, dtype_name: str | None =
                 config.autoencoder_path = json.load(f)["autoencoder_path"] or config.autoencoder_path
         ae_gd, ae_state, ae_cfg, _ = load_autoencoder(config)
     shape = latent_shape(config, ae_cfg)
-    step_dir = pretrained._latest_step_dir(workdir)
     which = "ema_params" if use_ema else "params"
     raw = pretrained._restore_tree(os.path.join(step_dir, "state"), [which, "scale_factor", "step"])
     unet = nnx.eval_shape(lambda: build_unet(config, shape[-1], config.seed))
