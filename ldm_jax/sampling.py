@@ -13,7 +13,11 @@ def labels_for(spec: str, num: int, num_classes: int):
             raise ValueError("--class given but the model is unconditional")
         return np.zeros((num,), np.int32)
     if spec:
-        classes = [int(c) for c in spec.split(",")]
+        try:
+            classes = [int(c) for c in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"--class={spec!r}: give a class index or comma-separated indices, "
+                             f"e.g. --class=0,3 (0..{num_classes - 1}; {num_classes} = unconditional)") from None
         bad = [c for c in classes if not 0 <= c <= num_classes]
         if bad:
             raise ValueError(f"--class {bad} out of range [0, {num_classes}] ({num_classes} = unconditional)")
@@ -173,6 +177,9 @@ def sample_stream(workdir: str, *, num: int, seed: int = 0, steps: int = 0, samp
         raise ValueError(f"--num must be >= 1, got {num}")
     tr = ldm.load_trained(workdir, use_ema=use_ema)
     config = tr.config
+    T = int(config.diffusion.num_timesteps)
+    if not 0 <= steps <= T:
+        raise ValueError(f"--steps={steps} must be in [1, {T}] (0: the config's {config.sampling.num_steps})")
     f = tr.ae_factor
     hw = None
     if size:

@@ -336,6 +336,10 @@ def test_sampling_is_seeded_and_tiled_for_large_sizes(trained):
     assert big.shape == (8, 64, 64, 3)
     with pytest.raises(ValueError, match=r"--tile_overlap must be in \[0, 8\)"):
         sample.sample_images(workdir, num=8, seed=3, steps=3, size=64, tile_overlap=8)
+    with pytest.raises(ValueError, match=r"--steps=-3 must be in \[1, 1000\] \(0: the config's 4\)"):
+        sample.sample_images(workdir, num=8, steps=-3)
+    with pytest.raises(ValueError, match=r"--class='a': give a class index or comma-separated indices"):
+        sample.sample_images(workdir, num=8, steps=3, classes="a")
 
 
 def test_generation_evaluation_without_inception_weights_says_what_to_fetch(trained, tmp_path, monkeypatch,
