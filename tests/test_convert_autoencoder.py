@@ -436,6 +436,27 @@ def test_config_errors():
         aw.load_torch_file(REPO + "/tests")
 
 
+
+def test_truncated_weight_files_are_named(tmp_path):
+    """A damaged .safetensors (or .ckpt) is a ValueError naming the file, which the CLIs
+    print as one line, not safetensors' own exception type."""
+    from ldm_jax.convert import inception_weights, unet_weights
+
+    bad = tmp_path / "vae.safetensors"
+    bad.write_bytes(b"\x10\x00junk")
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: not a readable .safetensors file"):
+        aw.load_torch_file(str(bad))
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        unet_weights._load_safetensors(str(bad))
+    ckpt = tmp_path / "fid.pth"
+    ckpt.write_bytes(b"junk" * 100)
+    with pytest.raises(SystemExit):  # argparse error: one line on stderr
+        inception_weights.main([str(ckpt), "--out", str(tmp_path / "o.npz")])
+    with pytest.raises(ValueError) as e:
+        inception_weights.convert_inception_file(str(ckpt))
+    assert str(e.value).count(str(ckpt)) == 1, str(e.value)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

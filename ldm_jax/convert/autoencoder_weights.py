@@ -586,10 +586,19 @@ def _read_safetensors_raw(path: str, keys) -> dict[str, np.ndarray]:
     return out
 
 
+def safe_open_np(path: str):
+    """``safetensors.safe_open(path, framework="np")``; a file that is not a complete
+    safetensors file raises a ValueError naming it (safetensors' own error type is not one)."""
+    st = _need_safetensors()
+    try:
+        return st.safe_open(path, framework="np")
+    except Exception as e:  # noqa: BLE001  (SafetensorError: truncated header, not safetensors, ...)
+        raise ValueError(f"{path}: not a readable .safetensors file ({e}); is the download complete?") from None
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of ``path``; of a full SD checkpoint only ``first_stage_model.*`` is read."""
-    st = _need_safetensors()
-    with st.safe_open(path, framework="np") as f:
+    with safe_open_np(path) as f:
         keys = list(f.keys())
         wanted = [k for k in keys if k.startswith(SD_PREFIX)] or keys
         try:

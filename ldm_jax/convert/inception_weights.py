@@ -136,7 +136,8 @@ def convert_inception_file(pth: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return convert_inception(load_torch_state_dict(pth))
     except ValueError as e:
-        raise ValueError(f"{os.fspath(pth)}: {e}") from None
+        msg = str(e)  # (the reader's own errors already start with the path)
+        raise ValueError(msg if msg.startswith(os.fspath(pth)) else f"{os.fspath(pth)}: {msg}") from None
 
 
 def set_inception_params(model: FIDInceptionV3, arrays: Mapping[str, np.ndarray]) -> None:
@@ -243,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.src):
         parser.error(f"no such file {args.src}")
-    arrays = convert_inception_file(args.src)
+    try:
+        arrays = convert_inception_file(args.src)
+    except ValueError as e:
+        parser.error(str(e))
     save_npz_atomic(arrays, args.out)
     n = sum(int(a.size) for a in arrays.values())
     print(f"wrote {args.out} ({len(arrays)} arrays, {n:,} values)")

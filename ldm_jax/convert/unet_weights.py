@@ -814,8 +814,7 @@ def _diffusers_unet_dir(path: str) -> str | None:
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     """Tensors of ``path``; of a full LDM checkpoint only the U-Net (and EMA) keys."""
-    st = aw._need_safetensors()
-    with st.safe_open(path, framework="np") as f:
+    with aw.safe_open_np(path) as f:
         keys = list(f.keys())
         wanted = [k for k in keys if k.startswith((LDM_PREFIX, LDM_EMA_PREFIX))]
         if not any(k.startswith(LDM_PREFIX) for k in wanted):
