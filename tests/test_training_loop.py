@@ -119,6 +119,8 @@ def test_preemption_saves_and_stops(monkeypatch):
     restored = []
 
     class Flag:
+        reason = "SIGTERM"
+
         def should_stop(self, step, every):
             return step == 3
 
