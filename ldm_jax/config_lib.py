@@ -220,6 +220,10 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | No
     return None
 
 
+# Second names of fields (ml_collections FieldReferences): listed once, under the first name.
+ALIASES = {"autoencoder_workdir": "autoencoder_path"}
+
+
 def as_plain(config: ml_collections.ConfigDict) -> dict:
     """The config as JSON-compatible nested dicts (what checkpoints record of their run)."""
     import json
@@ -249,7 +253,7 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict, *, limit: int
 
     old, new = flat(saved), flat(as_plain(config))
     changes = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - set(ALIASES)):
         a, b = old.get(key, absent), new.get(key, absent)
         if a != b:
             changes.append(f"{key} {show(a)} -> {show(b)}")

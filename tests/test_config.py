@@ -304,3 +304,19 @@ def test_set_fields_dotted_typed_and_unknown():
         config_lib.set_fields(c, {"modle.remat": True})
     with pytest.raises(ValueError, match="unknown config key 'model.remmat'"):
         config_lib.set_fields(c, {"model.remmat": "1"}, parse=True)
+
+
+def test_config_changes_name_each_changed_field_once():
+    """What a resume logs (and a checkpoint mismatch error names): dotted keys with the old
+    and new values, an aliased field once, fields only one side has, and a length limit."""
+    c = config_lib.load_config(f"{_path('ldm_f8')}:tiny")
+    saved = config_lib.as_plain(c)
+    assert config_lib.config_changes(saved, c) == []
+    c.autoencoder_workdir = "/runs/vae"  # the alias sets autoencoder_path too
+    c.model.channel_mult = (1, 3)
+    saved["model"]["old_field"] = 1
+    assert config_lib.config_changes(saved, c) == [
+        "autoencoder_path '' -> '/runs/vae'", "model.channel_mult (1, 2) -> (1, 3)",
+        "model.old_field 1 -> (absent)"]
+    assert config_lib.config_changes(saved, c, limit=1) == [
+        "autoencoder_path '' -> '/runs/vae'", "... and 2 more"]
