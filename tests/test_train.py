@@ -111,6 +111,15 @@ def test_resume_reproduces_uninterrupted_run(sharded_run, tmp_path, caplog):
     assert "settings changed since it was written: model.ch 32 -> 64; num_train_steps 4 -> 6." in msg
     assert open(os.path.join(workdir, "config.json")).read() == saved
     assert Checkpointer(workdir).latest_step() == 4
+    # an LDM config pointed at this VAE-GAN workdir (as its autoencoder, too)
+    from ldm_jax.trainers import ldm
+
+    ldm_cfg = config_lib.load_config(os.path.join(REPO_ROOT, "configs/ldm_f8.py:tiny"))
+    ldm_cfg.autoencoder_path = workdir
+    with pytest.raises(config_lib.ConfigError, match="holds a 'vae_gan' run; this config trains 'ldm': "
+                                                     "use another --workdir"):
+        ldm.train_and_evaluate(ldm_cfg, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved
 
 
 def test_nan_guard_skips_step(tmp_path):

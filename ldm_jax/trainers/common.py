@@ -201,6 +201,21 @@ def use_compilation_cache(config: Any) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
 
 
+def check_workdir(config: Any, workdir: str) -> None:
+    """Stop before any work when ``workdir`` holds a run of another trainer (its
+    ``config.json`` says which; nothing there: a new run)."""
+    from ldm_jax import config_lib
+
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            trainer = json.load(f).get("trainer")
+    except (OSError, ValueError):
+        return
+    if trainer and trainer != config.trainer:
+        raise config_lib.ConfigError(f"{workdir} holds a {trainer!r} run; this config trains "
+                                     f"{config.trainer!r}: use another --workdir")
+
+
 def prepare_workdir(config: Any, workdir: str):
     """Create ``workdir``, write ``config.json`` (process 0) and open the metric writer;
     returns ``(is_main, writer)``. The trainers call it once their data, weights and frozen

@@ -34,10 +34,9 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (FlatState, dtype, finite_and_norm, flat_step, init_sharded,
-                                     log_once, lr_schedule, microbatch_mean, param_count,
-                                     prepare_workdir, run_training_loop, tree_where,
-                                     use_compilation_cache)
+from ldm_jax.trainers.common import (FlatState, check_workdir, dtype, finite_and_norm, flat_step,
+                                     init_sharded, log_once, lr_schedule, microbatch_mean, param_count,
+                                     prepare_workdir, run_training_loop, tree_where, use_compilation_cache)
 
 
 METRIC_NAMES = ("loss", "grad_norm", "lr", "ema_decay", "skipped")
@@ -341,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_ldm_config(config, num_devices=mesh.size)
+    check_workdir(config, workdir)
     use_compilation_cache(config)
     batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 

@@ -44,10 +44,10 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, Diagona
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import LPIPSWeightsMissingError, create_lpips
-from ldm_jax.trainers.common import (FlatState, dtype as _dtype, finite_and_norm, flat_step,
-                                     fresh as _fresh, init_sharded, lr_schedule, microbatch_mean,
-                                     log_once as _log_once, prepare_workdir, run_training_loop,
-                                     tree_where as _tree_where, use_compilation_cache)
+from ldm_jax.trainers.common import (FlatState, check_workdir, dtype as _dtype, finite_and_norm,
+                                     flat_step, fresh as _fresh, init_sharded, lr_schedule,
+                                     microbatch_mean, log_once as _log_once, prepare_workdir,
+                                     run_training_loop, tree_where as _tree_where, use_compilation_cache)
 
 
 METRIC_NAMES = (
@@ -296,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- setup ---------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate_vae_config(config, num_devices=mesh.size)
+    check_workdir(config, workdir)
     use_compilation_cache(config)
 
     # ---- LPIPS ---------------------------------------------------------------------------
