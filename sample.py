@@ -2,7 +2,7 @@
 
   python sample.py --workdir=workdirs/ldm_f8 [--num=64] [--steps=50] [--sampler=ddim]
                    [--eta=0] [--cfg_scale=1.5] [--class=3 | --class=0,5,7] [--seed=0]
-                   [--size=512] [--out=DIR] [--grid=64] [--pngs]
+                   [--size=512] [--out=DIR] [--grid=64] [--pngs] [--compilation_cache_dir=DIR]
 
 Uses the EMA weights of the workdir's latest checkpoint (``--noema`` for the raw ones),
 batched over all devices. ``--size`` larger than the training resolution samples a larger
@@ -16,7 +16,8 @@ setting that changes the images (``ldm_jax.sampling.settings_tag``, e.g.
 ``00050000_ddim50_cfg3_c207-360_s1_n64``), so a sweep over guidance scales, classes or
 sizes never overwrites earlier files. Images are written batch by batch, so
 ``--num=50000`` needs no more host memory than one batch; files appear complete or not
-at all.
+at all. Compiled programs go to JAX's persistent compilation cache
+(``--compilation_cache_dir``), so the next run with the same shapes starts sampling at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ _OUT = flags.DEFINE_string("out", "", "Output directory (default: WORKDIR/sample
 _NOEMA = flags.DEFINE_bool("noema", False, "Use the raw instead of the EMA weights.")
 _GRID = flags.DEFINE_integer("grid", 64, "Images in the PNG grid (the first ones; 0: no grid).")
 _PNGS = flags.DEFINE_bool("pngs", False, "Also write every image as its own PNG.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "JAX persistent compilation cache: a second run with the same shapes loads the sampler "
+    "instead of compiling it (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/ldm_jax/xla; '' : off).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -58,9 +63,11 @@ def main(argv):
     import ldm_jax
     from ldm_jax import metric_writers as mw
     from ldm_jax.sampling import NpzStream, sample_stream
+    from ldm_jax.trainers.common import cli_compilation_cache
     from ldm_jax.weights_cache import save_json_atomic
 
     ldm_jax.quiet_library_logs()
+    cli_compilation_cache(_CACHE.value)
 
     try:
         tr, batches, info = sample_stream(

@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# JAX's persistent compilation cache: the configs' default, and the command-line tools'.
+DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/ldm_jax/xla"
 
 
 def vae_base_config() -> ml_collections.ConfigDict:
@@ -124,7 +126,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
     c.num_image_samples = 8  # reconstructions in each grid; 0: no grids
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
-    c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
+    c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE_DIR
     return c
 
 
@@ -515,7 +517,7 @@ def ldm_base_config() -> ml_collections.ConfigDict:
     c.num_image_samples = 16  # samples in each grid; 0: no grids
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
-    c.compilation_cache_dir = "~/.cache/ldm_jax/xla"
+    c.compilation_cache_dir = DEFAULT_COMPILATION_CACHE_DIR
     return c
 
 

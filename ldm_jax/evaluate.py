@@ -889,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tfds_data_dir", default="", help="TFDS data dir for tfds: specs")
     p.add_argument("--fid_method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="sqrtm: pytorch-fid's scipy.linalg.sqrtm; eigh: same value, faster")
+    p.add_argument("--compilation_cache_dir", default=None,
+                   help="JAX persistent compilation cache, so a second evaluation with the same "
+                        "shapes loads its programs (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        "~/.cache/ldm_jax/xla; '' : off)")
     a = p.add_argument_group("autoencoder")
     a.add_argument("--num_images", type=int, default=None, help="at most this many images (50000)")
     a.add_argument("--resolution", type=int, default=None, help="crop size (default: the model's)")
@@ -945,6 +949,9 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, name)
         return default if v is None else v
 
+    from ldm_jax.trainers.common import cli_compilation_cache
+
+    cli_compilation_cache(args.compilation_cache_dir)
     try:
         if is_ldm:
             from ldm_jax.evaluate_generation import evaluate_generation, print_summary

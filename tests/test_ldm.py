@@ -249,6 +249,29 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
             np.testing.assert_array_equal(np.asarray(im), images[i])
 
 
+
+def test_sample_py_second_run_loads_its_programs_from_the_compilation_cache(trained, tmp_path):
+    """``--compilation_cache_dir`` (over $JAX_COMPILATION_CACHE_DIR): the first run writes
+    the compiled sampler and decoder there, the second compiles nothing."""
+    workdir, _, _ = trained
+    cache = tmp_path / "xla"
+    env = cpu_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_EXPLAIN_CACHE_MISSES="1",
+                  JAX_LOG_COMPILES="1")
+    logs = []
+    for run in range(2):
+        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
+                            "--num=8", "--steps=2", f"--out={tmp_path / f'out{run}'}",
+                            f"--compilation_cache_dir={cache}"],
+                           env=env, check=True, capture_output=True, text=True, timeout=600)
+        logs.append(r.stdout + r.stderr)
+        if run == 0:
+            assert len(list(cache.glob("*-cache"))) >= 2, logs[0][-3000:]  # sampler, decoder, ...
+    assert "PERSISTENT COMPILATION CACHE MISS" in logs[0]
+    assert "PERSISTENT COMPILATION CACHE MISS" not in logs[1], logs[1][-3000:]
+    assert logs[1].count("Persistent compilation cache hit") >= 2
+    images = [np.load(next((tmp_path / f"out{run}").glob("*.npz")))["images"] for run in range(2)]
+    np.testing.assert_array_equal(images[0], images[1])
+
 def test_settings_tag_names_every_setting_that_changes_the_samples():
     """Sample files and evaluation folders are named by ``settings_tag``: other guidance
     scales, classes, sizes, seeds, counts or weights give other names; settings left unset

@@ -5,6 +5,7 @@ preemption and an error end the loop. (The trainers' own tests run it for real.)
 
 from __future__ import annotations
 
+import os
 import types
 
 import flax.struct
@@ -215,3 +216,21 @@ def test_one_shot_compiler_options_by_output_size():
     init = lambda: jax.random.normal(jax.random.PRNGKey(0), (4, 8))  # noqa: E731
     out = jax.jit(init, compiler_options=one_shot_compiler_options(jax.eval_shape(init)))()
     np.testing.assert_allclose(out, init(), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_compilation_cache_resolution(monkeypatch):
+    """The command-line tools' cache: the flag wins ('' turns it off), else the
+    environment's JAX_COMPILATION_CACHE_DIR, else the configs' default directory."""
+    from ldm_jax import config_lib
+    from ldm_jax.trainers.common import cli_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/from_env")
+        assert cli_compilation_cache(None) == "/tmp/from_env" == jax.config.jax_compilation_cache_dir
+        assert cli_compilation_cache("~/c") == os.path.expanduser("~/c") == jax.config.jax_compilation_cache_dir
+        assert cli_compilation_cache("") is None and jax.config.jax_compilation_cache_dir is None
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        assert cli_compilation_cache(None) == os.path.expanduser(config_lib.DEFAULT_COMPILATION_CACHE_DIR)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

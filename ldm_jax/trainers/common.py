@@ -201,6 +201,22 @@ def use_compilation_cache(config: Any) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
 
 
+def cli_compilation_cache(flag: str | None) -> str | None:
+    """The persistent compilation cache of a command-line tool (``sample.py``,
+    ``python -m ldm_jax.evaluate``), set before anything is compiled, so a second run with
+    the same shapes loads its programs instead of compiling them. ``flag`` is the tool's
+    ``--compilation_cache_dir``: None (not given) uses ``JAX_COMPILATION_CACHE_DIR`` if set,
+    else the configs' default ``~/.cache/ldm_jax/xla``; ``""`` turns the cache off.
+    Returns the directory in use (None: off)."""
+    from ldm_jax import config_lib
+
+    if flag is None:
+        flag = os.environ.get("JAX_COMPILATION_CACHE_DIR") or config_lib.DEFAULT_COMPILATION_CACHE_DIR
+    path = os.path.expanduser(flag) if flag else None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def check_workdir(config: Any, workdir: str) -> None:
     """Stop before any work when ``workdir`` holds a run of another trainer (its
     ``config.json`` says which; nothing there: a new run)."""
