@@ -204,14 +204,23 @@ def test_config_errors_are_clear(ae_dir, tmp_path):
 
 
 def test_sample_py_writes_png_and_npz(trained, tmp_path):
+    """sample.py's files; and ``--compilation_cache_dir`` (over $JAX_COMPILATION_CACHE_DIR):
+    the first run writes its compiled programs there, a second run compiles nothing."""
     workdir, _, _ = trained
-    env = cpu_env()
+    cache = tmp_path / "xla"
+    env = cpu_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
-                        "--num=10", "--steps=3", "--class=1,2", f"--out={out}", "--cfg_scale=2", "--pngs",
-                        "--batch=8"],
-                       env=env, check=True, capture_output=True, text=True, timeout=600)
+    args = [sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}", "--num=10",
+            "--steps=3", "--class=1,2", "--cfg_scale=2", "--batch=8", f"--compilation_cache_dir={cache}"]
+    r = subprocess.run(args + [f"--out={out}", "--pngs"], env=env, check=True, capture_output=True,
+                       text=True, timeout=600)
     log = r.stdout + r.stderr
+    assert len(list(cache.glob("*-cache"))) >= 2, log[-3000:]  # sampler, decoder, ...
+    again = subprocess.run(args + [f"--out={tmp_path / 'again'}", "--grid=0"], check=True, capture_output=True,
+                           text=True, timeout=600, env=dict(env, JAX_EXPLAIN_CACHE_MISSES="1", JAX_LOG_COMPILES="1"))
+    again_log = again.stdout + again.stderr
+    assert "PERSISTENT COMPILATION CACHE MISS" not in again_log, again_log[-3000:]
+    assert again_log.count("Persistent compilation cache hit") >= 2
     assert "10 / 10 images" in log and "wrote " in log
     # INFO lines are sample.py's progress only, not orbax's or jax's internals
     info_from = set(re.findall(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", log, re.MULTILINE))
@@ -244,33 +253,12 @@ def test_sample_py_writes_png_and_npz(trained, tmp_path):
     # --pngs: every image on its own (written over two batches of 8), the same pixels
     png_dir = os.path.join(out, npzs[0][:-4])
     assert sorted(os.listdir(png_dir)) == [f"{i:06d}.png" for i in range(10)]
+    with np.load(tmp_path / "again" / npzs[0]) as f:  # the cached programs: the same images
+        np.testing.assert_array_equal(f["images"], images)
     for i in range(10):
         with Image.open(os.path.join(png_dir, f"{i:06d}.png")) as im:
             np.testing.assert_array_equal(np.asarray(im), images[i])
 
-
-
-def test_sample_py_second_run_loads_its_programs_from_the_compilation_cache(trained, tmp_path):
-    """``--compilation_cache_dir`` (over $JAX_COMPILATION_CACHE_DIR): the first run writes
-    the compiled sampler and decoder there, the second compiles nothing."""
-    workdir, _, _ = trained
-    cache = tmp_path / "xla"
-    env = cpu_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_EXPLAIN_CACHE_MISSES="1",
-                  JAX_LOG_COMPILES="1")
-    logs = []
-    for run in range(2):
-        r = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), f"--workdir={workdir}",
-                            "--num=8", "--steps=2", f"--out={tmp_path / f'out{run}'}",
-                            f"--compilation_cache_dir={cache}"],
-                           env=env, check=True, capture_output=True, text=True, timeout=600)
-        logs.append(r.stdout + r.stderr)
-        if run == 0:
-            assert len(list(cache.glob("*-cache"))) >= 2, logs[0][-3000:]  # sampler, decoder, ...
-    assert "PERSISTENT COMPILATION CACHE MISS" in logs[0]
-    assert "PERSISTENT COMPILATION CACHE MISS" not in logs[1], logs[1][-3000:]
-    assert logs[1].count("Persistent compilation cache hit") >= 2
-    images = [np.load(next((tmp_path / f"out{run}").glob("*.npz")))["images"] for run in range(2)]
-    np.testing.assert_array_equal(images[0], images[1])
 
 def test_settings_tag_names_every_setting_that_changes_the_samples():
     """Sample files and evaluation folders are named by ``settings_tag``: other guidance
