@@ -150,12 +150,10 @@ class Checkpointer:
         """Raise :class:`CheckpointMismatchError` unless checkpoint ``step`` holds an array of
         the same shape for every array of ``target`` and nothing else."""
         saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
-        have, want = _array_shapes(getattr(saved, "tree", saved)), _array_shapes(target)
+        have, want = array_shapes(getattr(saved, "tree", saved)), array_shapes(target)
         # (model parameters first, then optimizer moments and EMA copies of them)
         order = lambda k: ("opt" in k.split(".")[0] or k.startswith("ema"), k)  # noqa: E731
-        differ = sorted((k for k in have.keys() & want.keys() if have[k] != want[k]), key=order)
-        missing = sorted(want.keys() - have.keys(), key=order)
-        extra = sorted(have.keys() - want.keys(), key=order)
+        differ, missing, extra = shape_differences(want, have, order)
         if not (differ or missing or extra):
             return
 
@@ -208,11 +206,20 @@ def read_meta(step_dir: str) -> dict:
         ckpt.close()
 
 
-def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{"a.b.0.kernel": shape}`` for every array (or array metadata) leaf of ``tree``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value"):  # (NNX)
             tuple(int(d) for d in x.shape) for path, x in leaves if hasattr(x, "shape") and hasattr(x, "dtype")}
+
+
+def shape_differences(want: dict[str, tuple], have: dict[str, tuple],
+                      order: Any = None) -> tuple[list[str], list[str], list[str]]:
+    """``(differ, missing, extra)``: the names of two :func:`array_shapes` maps whose shapes
+    differ, those only in ``want`` and those only in ``have``, each sorted by ``order``
+    (a sort key; default: by name). All three empty: the trees fit each other."""
+    differ = sorted((k for k in have.keys() & want.keys() if have[k] != want[k]), key=order)
+    return differ, sorted(want.keys() - have.keys(), key=order), sorted(have.keys() - want.keys(), key=order)
 
 
 def _hwio_target(abstract_state: Any) -> Any:

@@ -59,6 +59,20 @@ class TensorboardXWriter(_NullWriter):
         self._w.close()
 
 
+def _keep_tensorflow_off_accelerators() -> None:
+    """Hide the GPUs from TensorFlow (ImportError when it is not installed). clu's writers
+    write event files through TensorFlow, which would otherwise claim every GPU's memory,
+    beside JAX's, when its first op runs; it needs only the CPU for that. Must run before
+    TensorFlow initialises its devices; when something already did, say so and go on."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:
+        log.warning("TensorFlow's devices were initialised before the metric writer hid the GPUs "
+                    "from it (%s); it may hold GPU memory beside JAX", e)
+
+
 def create_writer(logdir: str, *, is_main: bool, backend: str = "auto"):
     """A writer with write_scalars/write_images/write_hparams/flush/close.
 
@@ -69,6 +83,7 @@ def create_writer(logdir: str, *, is_main: bool, backend: str = "auto"):
     os.makedirs(logdir, exist_ok=True)
     if backend in ("auto", "clu"):
         try:
+            _keep_tensorflow_off_accelerators()
             from clu import metric_writers  # imports TensorFlow
 
             return metric_writers.SummaryWriter(logdir)

@@ -190,14 +190,11 @@ def recorded_config(workdir: str, step_dir: str) -> tuple[dict, dict]:
 
 
 def _check_fits(state: nnx.State, pure: Any, where: str) -> None:
-    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
-            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
-    have = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in
-            jax.tree_util.tree_flatten_with_path(pure)[0]}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(f"{k}: model {want[k]} vs weights {have[k]}" for k in set(want) & set(have)
-                    if want[k] != have[k])
+    want = checkpointing.array_shapes(nnx.to_pure_dict(state))
+    have = checkpointing.array_shapes(
+        jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.result_type(v)), pure))
+    differ, missing, unexpected = checkpointing.shape_differences(want, have)
+    shapes = [f"{k}: model {want[k]} vs weights {have[k]}" for k in differ]
     if missing or unexpected or shapes:
         parts = [f"weights {where} do not fit the model:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):

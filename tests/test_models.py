@@ -516,3 +516,27 @@ def test_remat_same_output_and_gradients():
         AutoencoderConfig(remat_policy="conv")
 
 
+
+
+def test_fill_params_names_every_missing_unexpected_and_misshaped_array():
+    """Weights that do not fit a model fail in one error naming each array (dotted paths);
+    weights that fit are put in, cast to the model's dtypes."""
+    from ldm_jax import pretrained
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+            self.b = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    good = {"a": {"kernel": np.ones((2, 3), np.float64), "bias": np.zeros(3)},
+            "b": {"kernel": np.full((3, 4), 2.0), "bias": np.zeros(4)}}
+    m = pretrained.fill_params(Two(), good, "here")
+    assert m.b.kernel[...].dtype == jnp.float32 and float(m.b.kernel[0, 0]) == 2.0
+    bad = {"a": {"kernel": np.ones((2, 5)), "bias": np.zeros(3)},
+           "b": {"kernel": np.ones((3, 4))}, "c": {"kernel": np.ones(1)}}
+    with pytest.raises(pretrained.PretrainedError) as e:
+        pretrained.fill_params(Two(), bad, "in x.npz")
+    msg = str(e.value)
+    assert "weights in x.npz do not fit the model" in msg
+    assert "missing (1): b.bias" in msg and "unexpected (1): c.kernel" in msg
+    assert "shape mismatch (1): a.kernel: model (2, 3) vs weights (2, 5)" in msg

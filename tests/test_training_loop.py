@@ -234,3 +234,43 @@ def test_cli_compilation_cache_resolution(monkeypatch):
         assert cli_compilation_cache(None) == os.path.expanduser(config_lib.DEFAULT_COMPILATION_CACHE_DIR)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_clu_writer_hides_gpus_from_tensorflow_first(monkeypatch, tmp_path):
+    """Where TensorFlow is installed, the writer is clu's, and TensorFlow gets no GPU (it
+    would claim their memory beside JAX's), set before clu's writer exists; without
+    TensorFlow the writer is tensorboardX's. (Stand-in modules: the test extras have no
+    TensorFlow.)"""
+    import sys
+
+    import clu
+
+    from ldm_jax import metric_writers
+
+    events = []
+    fake_tf = types.ModuleType("tensorflow")
+    fake_tf.config = types.SimpleNamespace(
+        set_visible_devices=lambda devices, kind: events.append(("hide", tuple(devices), kind)))
+    fake_mw = types.ModuleType("clu.metric_writers")
+    fake_mw.SummaryWriter = lambda logdir: events.append(("writer", logdir)) or "clu-writer"
+    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
+    monkeypatch.setitem(sys.modules, "clu.metric_writers", fake_mw)
+    monkeypatch.setattr(clu, "metric_writers", fake_mw, raising=False)
+    logdir = str(tmp_path / "tb")
+    assert metric_writers.create_writer(logdir, is_main=True) == "clu-writer"
+    assert events == [("hide", (), "GPU"), ("writer", logdir)]
+
+    def initialised(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    fake_tf.config.set_visible_devices = initialised
+    events.clear()
+    assert metric_writers.create_writer(logdir, is_main=True) == "clu-writer"
+    assert events == [("writer", logdir)]
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # not installed: import fails
+    w = metric_writers.create_writer(logdir, is_main=True)
+    assert isinstance(w, metric_writers.TensorboardXWriter)
+    w.close()
+    with pytest.raises(ImportError, match=r"ldm-jax\[tf\]"):
+        metric_writers.create_writer(logdir, is_main=True, backend="clu")

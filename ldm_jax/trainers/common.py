@@ -196,9 +196,10 @@ def param_count(tree: Any) -> int:
 
 def use_compilation_cache(config: Any) -> None:
     """Point JAX's persistent compilation cache at ``config.compilation_cache_dir`` (if set);
-    called first, before anything is compiled."""
+    called first, before anything is compiled. An empty value leaves the cache as it is
+    (``JAX_COMPILATION_CACHE_DIR``, or what the calling process set)."""
     if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+        cli_compilation_cache(config.compilation_cache_dir)
 
 
 def cli_compilation_cache(flag: str | None) -> str | None:
