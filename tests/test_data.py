@@ -410,8 +410,8 @@ def test_orbax_checkpoint_roundtrip(tmp_path, workers):
 
 
 # ----------------------------------------------------------------------------------------
-# TFDS (tfds.testing.mock_data needs TensorFlow to encode images, which is not installed,
-# so tfds.data_source is replaced by a small in-memory fake with the same interface).
+# TFDS: a small in-memory fake of tfds.data_source (corrupt records, the calls made), and a
+# real ArrayRecord dataset that tfds builds without TensorFlow.
 
 
 class _FakeTfdsSource:
@@ -456,6 +456,68 @@ def test_tfds_source_with_fake_data_source(monkeypatch, caplog):
             _cfg(source="tfds", tfds_name="fake_ds/v1", image_key="img"),
             resolution=RES, global_batch_size=4, seed=0,
         )
+
+
+_TFDS_BUILDER = """
+import io, sys
+from PIL import Image
+import tensorflow_datasets as tfds
+
+def colour(i):
+    return (i, 255 - i, (7 * i) % 256)
+
+class TinyPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=["cat", "dog", "bird"])}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(6)),
+                "validation": self._generate_examples(range(100, 103))}
+
+    def _generate_examples(self, ids):
+        for i in ids:
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 36), colour(i)).save(buf, "PNG")
+            buf.seek(0)
+            yield str(i), {"image": buf, "label": i % 3}
+
+TinyPhotos(data_dir=sys.argv[1], file_format="array_record").download_and_prepare()
+"""
+
+
+def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
+    """A TFDS dataset prepared as ArrayRecord, read without TensorFlow as the README says:
+    tfds builds it (no TensorFlow either) in another process, so that this one, like a
+    training run, knows it only from its files. Every train image comes with its label,
+    the class names come from the ClassLabel feature, the validation split is evaluated."""
+    import subprocess
+    import sys
+
+    script, data_dir = tmp_path / "build_tiny_photos.py", str(tmp_path / "tfds")
+    script.write_text(_TFDS_BUILDER)
+    done = subprocess.run([sys.executable, str(script), data_dir], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    transforms._reset_for_tests()
+    cfg = _cfg(source="tfds", tfds_name="tiny_photos", tfds_data_dir=data_dir,
+               train_split="train", eval_split="validation")
+    src = sources.make_source(cfg, "train")
+    assert len(src) == 6 and src.num_classes == 3 and src.class_names == ("cat", "dog", "bird")
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=3, seed=0)
+    seen = set()
+    for _ in range(2):  # one epoch
+        b = next(it)
+        assert b["image"].shape == (3, RES, RES, 3) and b["label"].dtype == np.int32
+        for img, label in zip(b["image"], b["label"]):
+            seen.add((_id_of(img), int(label)))
+    assert seen == {(i, i % 3) for i in range(6)}
+    ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=3, num_images=10)
+    assert len(ev) == 1  # (in the dataset's record order, which tfds shuffled when building)
+    assert sorted(zip([_id_of(i) for i in ev[0]["image"]], ev[0]["label"].tolist())) == [
+        (i, i % 3) for i in range(100, 103)]
 
 
 def test_tfds_missing_dataset_message(tmp_path):
