@@ -87,18 +87,24 @@ def download(url: str, dest: str, sha256_prefix: str | None = None) -> str:
     """Fetch ``url`` to ``dest`` atomically; raises OSError (incl. URLError) on failure.
 
     The data goes to a host- and process-unique temporary file next to ``dest`` that is
-    renamed onto ``dest`` only when complete (and, with ``sha256_prefix``, when its sha256
-    starts with it); the temporary file never outlives the call.
+    renamed onto ``dest`` only when complete (as many bytes as the server announced and, with
+    ``sha256_prefix``, a sha256 that starts with it); the temporary file never outlives the
+    call.
     """
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = f"{dest}.tmp-{socket.gethostname()}-{os.getpid()}"
     log.info("downloading %s -> %s", url, dest)
     try:
-        digest = hashlib.sha256()
+        digest, received = hashlib.sha256(), 0
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:
+            expected = r.headers.get("Content-Length")
             while chunk := r.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
+                received += len(chunk)
+        # (a read of n bytes returns what came before the connection closed, without an error)
+        if expected is not None and expected.isdigit() and received != int(expected):
+            raise OSError(f"the connection for {url} ended after {received} of {expected} bytes")
         if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
             raise OSError(f"checksum mismatch for {url} (sha256 {digest.hexdigest()[:8]}...)")
         os.replace(tmp, dest)

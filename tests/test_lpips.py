@@ -310,6 +310,50 @@ def test_real_downloader_fails_cleanly(tmp_path):
     assert os.listdir(tmp_path / "cache") == []
 
 
+def test_real_downloader_checks_and_renames_whole_files(tmp_path):
+    """The downloader against a local HTTP server: a file arrives whole under its name; a
+    wrong checksum or a connection that ends early reports why and leaves nothing (no file
+    under the name, no temporary file)."""
+    import hashlib
+    import http.server
+    import threading
+
+    payload = os.urandom(3 << 20)  # 3 MiB: several read chunks
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload if self.path == "/w.pth" else payload[: len(payload) // 2])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    cache = tmp_path / "cache"
+    try:
+        sha = hashlib.sha256(payload).hexdigest()
+        dest = str(cache / "w.pth")
+        assert weights_cache.download(f"{base}/w.pth", dest, sha[:8]) == dest
+        with open(dest, "rb") as f:
+            assert f.read() == payload
+        assert os.listdir(cache) == ["w.pth"]
+        os.remove(dest)
+        notes: list[str] = []
+        wrong = ("0" if sha[0] != "0" else "1") + sha[1:8]
+        assert weights_cache.try_download(f"{base}/w.pth", dest, notes, wrong) is None
+        assert weights_cache.try_download(f"{base}/short.pth", dest, notes) is None
+        assert len(notes) == 2 and "checksum mismatch" in notes[0], notes
+        assert f"short.pth ended after {len(payload) // 2} of {len(payload)} bytes" in notes[1], notes
+        assert os.listdir(cache) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_weights_cache_env_and_offline_note(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "c"))
     assert weights_cache.default_cache_dir() == str(tmp_path / "c")
