@@ -458,66 +458,52 @@ def test_tfds_source_with_fake_data_source(monkeypatch, caplog):
         )
 
 
-_TFDS_BUILDER = """
-import io, sys
-from PIL import Image
-import tensorflow_datasets as tfds
+def test_pack_folder_into_tfds_array_record_and_read_it(tmp_path):
+    """``python -m ldm_jax.data.pack`` turns a folder into a TFDS ArrayRecord dataset (tfds
+    writes it without TensorFlow) that the tfds source reads by name from its files: the
+    same train / validation images and labels as ``source=folder`` at the same holdout, the
+    class names, unreadable files left out and listed; existing datasets and bad names stop."""
+    from ldm_jax.data import pack
 
-def colour(i):
-    return (i, 255 - i, (7 * i) % 256)
-
-class TinyPhotos(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=["cat", "dog", "bird"])}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(range(6)),
-                "validation": self._generate_examples(range(100, 103))}
-
-    def _generate_examples(self, ids):
-        for i in ids:
-            buf = io.BytesIO()
-            Image.new("RGB", (40, 36), colour(i)).save(buf, "PNG")
-            buf.seek(0)
-            yield str(i), {"image": buf, "label": i % 3}
-
-TinyPhotos(data_dir=sys.argv[1], file_format="array_record").download_and_prepare()
-"""
-
-
-def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
-    """A TFDS dataset prepared as ArrayRecord, read without TensorFlow as the README says:
-    tfds builds it (no TensorFlow either) in another process, so that this one, like a
-    training run, knows it only from its files. Every train image comes with its label,
-    the class names come from the ClassLabel feature, the validation split is evaluated."""
-    import subprocess
-    import sys
-
-    script, data_dir = tmp_path / "build_tiny_photos.py", str(tmp_path / "tfds")
-    script.write_text(_TFDS_BUILDER)
-    done = subprocess.run([sys.executable, str(script), data_dir], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rels = _make_folder(tmp_path / "src", 12)
+    (tmp_path / "src" / "class_1" / "broken.png").write_bytes(b"not an image")
+    out = str(tmp_path / "tfds")
+    assert pack.main([f"--src={tmp_path / 'src'}", "--name=tiny_photos", f"--out={out}", "--eval_holdout=0.3"]) == 0
     transforms._reset_for_tests()
-    cfg = _cfg(source="tfds", tfds_name="tiny_photos", tfds_data_dir=data_dir,
-               train_split="train", eval_split="validation")
-    src = sources.make_source(cfg, "train")
-    assert len(src) == 6 and src.num_classes == 3 and src.class_names == ("cat", "dog", "bird")
-    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=3, seed=0)
-    seen = set()
-    for _ in range(2):  # one epoch
-        b = next(it)
-        assert b["image"].shape == (3, RES, RES, 3) and b["label"].dtype == np.int32
-        for img, label in zip(b["image"], b["label"]):
-            seen.add((_id_of(img), int(label)))
-    assert seen == {(i, i % 3) for i in range(6)}
-    ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=3, num_images=10)
-    assert len(ev) == 1  # (in the dataset's record order, which tfds shuffled when building)
-    assert sorted(zip([_id_of(i) for i in ev[0]["image"]], ev[0]["label"].tolist())) == [
-        (i, i % 3) for i in range(100, 103)]
+    folder = _cfg(source="folder", path=str(tmp_path / "src"), eval_holdout=0.3)
+    cfg = _cfg(source="tfds", tfds_name="tiny_photos", tfds_data_dir=out, train_split="train",
+               eval_split="validation")
+    for split, tfds_split in (("train", "train"), ("eval", "validation")):
+        want = sources.make_source(folder, split)
+        got = sources.make_source(cfg, split)
+        assert got.class_names == want.class_names == ("class_0", "class_1", "class_2")
+        want_ids = {(int(r.rsplit("_", 1)[1][:3]), want[k]["label"]) for k, r in enumerate(want.relpaths)
+                    if r.endswith(".png") and "broken" not in r}
+        got_ids = set()
+        for k in range(len(got)):
+            rec = got[k]
+            img = np.asarray(Image.open(io.BytesIO(rec["data"])), np.float32) / 127.5 - 1.0
+            got_ids.add((_id_of(img), rec["label"]))
+        assert got_ids == want_ids and len(got) == len(want_ids), (split, got_ids, want_ids)
+    assert sum(len(sources.make_source(cfg, s)) for s in ("train", "eval")) == len(rels)  # broken one out
+    it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=0)
+    b = next(it)
+    assert b["image"].shape == (4, RES, RES, 3) and b["label"].dtype == np.int32
+    assert {(_id_of(i), int(lab)) for i, lab in zip(b["image"], b["label"])} <= {(i, i % 3) for i in range(12)}
+    ev = data_lib.create_eval_batches(cfg, resolution=RES, batch_size=2, num_images=10)
+    assert all(_id_of(i) % 3 == lab for e in ev for i, lab in zip(e["image"], e["label"]))
+
+    with pytest.raises(ValueError, match="already exists"):
+        pack.pack(str(tmp_path / "src"), "tiny_photos", out)
+    with pytest.raises(ValueError, match="lower-case letters"):
+        pack.pack(str(tmp_path / "src"), "Tiny-Photos", out)
+    _make_folder(tmp_path / "val", 3)
+    summary = pack.pack(str(tmp_path / "src"), "with_val", out, eval_src=str(tmp_path / "val"))
+    assert summary["splits"] == {"train": 12, "validation": 3} and len(summary["skipped"]) == 1
+    assert summary["skipped"][0][0].endswith("broken.png") and summary["class_names"] == ["class_0", "class_1", "class_2"]
+    _make_folder(tmp_path / "val2" / "dogs", 2)  # "dogs" is not a class of src
+    with pytest.raises(ValueError, match=r"outside the classes of --src .*\['dogs'\]"):
+        pack.pack(str(tmp_path / "src"), "other", out, eval_src=str(tmp_path / "val2"))
 
 
 def test_tfds_missing_dataset_message(tmp_path):

@@ -14,7 +14,8 @@ Sources:
   * ``FolderSource`` — a list of image files under a root folder (recursive listing,
     sorted; train/eval split by a hash of the relative path).
   * ``TfdsSource`` — ``tfds.data_source`` (ArrayRecord; needs no TensorFlow) with the
-    image feature left undecoded so corrupt records are skipped like corrupt files.
+    image feature left undecoded so corrupt records are skipped like corrupt files
+    (``python -m ldm_jax.data.pack`` turns a folder into such a dataset).
 
 This module must not import jax: grain worker processes unpickle these objects.
 """
@@ -154,6 +155,15 @@ def list_image_files(root: str) -> list[str]:
     return out
 
 
+def folder_classes(relpaths: Sequence[str]) -> tuple[str, ...]:
+    """The classes of a folder's images (``list_image_files``): when every image lies in a
+    sub-folder, the sorted top-level sub-folder names (the ImageFolder convention,
+    ``root/<class>/.../x.jpg``); otherwise none (unlabelled)."""
+    if not relpaths or not all("/" in f for f in relpaths):
+        return ()
+    return tuple(sorted({f.split("/", 1)[0] for f in relpaths}))
+
+
 def in_holdout(relpath: str, fraction: float) -> bool:
     """Whether a file belongs to the eval split: a hash of its relative path, so the
     split of existing files never changes when files are added or removed."""
@@ -190,9 +200,8 @@ class FolderSource(FileListSource):
                 + ("Increase eval_holdout or add images." if want_eval
                    else "Decrease eval_holdout or add images.")
             )
-        labels, classes = None, ()
-        if all("/" in f for f in files):
-            classes = tuple(sorted({f.split("/", 1)[0] for f in files}))
+        labels, classes = None, folder_classes(files)
+        if classes:
             index = {c: i for i, c in enumerate(classes)}
             labels = [index[f.split("/", 1)[0]] for f in chosen]
         super().__init__(os.path.abspath(root), chosen, uid=f"folder:{split}:{os.path.abspath(root)}",
