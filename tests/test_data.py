@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -486,6 +487,7 @@ def test_pack_folder_into_tfds_array_record_and_read_it(tmp_path):
             got_ids.add((_id_of(img), rec["label"]))
         assert got_ids == want_ids and len(got) == len(want_ids), (split, got_ids, want_ids)
     assert sum(len(sources.make_source(cfg, s)) for s in ("train", "eval")) == len(rels)  # broken one out
+    assert re.fullmatch(r"tiny_photos\[validation\] #0 \(class_\d/img_\d{3}\.png\)", got.describe(0))
     it = data_lib.create_train_iterator(cfg, resolution=RES, global_batch_size=4, seed=0)
     b = next(it)
     assert b["image"].shape == (4, RES, RES, 3) and b["label"].dtype == np.int32

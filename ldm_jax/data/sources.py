@@ -250,6 +250,7 @@ class TfdsSource:
                 f"{name!r}; features: {sorted(first)}."
             )
         self._label_key = label_key if label_key and label_key in first else ""
+        self._has_file_name = "file_name" in first
         self.class_names: tuple[str, ...] = ()
         if self._label_key:
             try:
@@ -275,7 +276,16 @@ class TfdsSource:
             return {"key": key, "data": None, "error": _decode_error(e), "label": 0}
 
     def describe(self, key: int) -> str:
-        return f"{self._name}[{self._split}] #{int(key)}"
+        """``name[split] #key``, with the record's ``file_name`` feature when it has one
+        (datasets from ``python -m ldm_jax.data.pack``)."""
+        base = f"{self._name}[{self._split}] #{int(key)}"
+        if self._has_file_name:
+            try:
+                name = self._ds[int(key)]["file_name"]
+                return f"{base} ({name.decode() if isinstance(name, bytes) else name})"
+            except Exception:  # noqa: BLE001 - a record that does not read: the index alone
+                pass
+        return base
 
     def __repr__(self) -> str:
         return f"TfdsSource(uid={self.uid!r}, num_records={len(self)})"
