@@ -499,6 +499,10 @@ def test_pack_folder_into_tfds_array_record_and_read_it(tmp_path):
         pack.pack(str(tmp_path / "src"), "tiny_photos", out)
     with pytest.raises(ValueError, match="lower-case letters"):
         pack.pack(str(tmp_path / "src"), "Tiny-Photos", out)
+    one = pack.pack(str(tmp_path / "src"), "one_thread", out, eval_holdout=0.3, read_threads=1)
+    assert one["splits"] == {"train": len(sources.make_source(cfg, "train")), "validation": len(got)}
+    seq = sources.make_source(_cfg(source="tfds", tfds_name="one_thread", tfds_data_dir=out), "eval")
+    assert [seq[k]["data"] for k in range(len(seq))] == [got[k]["data"] for k in range(len(got))]
     _make_folder(tmp_path / "val", 3)
     summary = pack.pack(str(tmp_path / "src"), "with_val", out, eval_src=str(tmp_path / "val"))
     assert summary["splits"] == {"train": 12, "validation": 3} and len(summary["skipped"]) == 1
