@@ -516,8 +516,6 @@ def test_remat_same_output_and_gradients():
         AutoencoderConfig(remat_policy="conv")
 
 
-
-
 def test_fill_params_names_every_missing_unexpected_and_misshaped_array():
     """Weights that do not fit a model fail in one error naming each array (dotted paths);
     weights that fit are put in, cast to the model's dtypes."""
