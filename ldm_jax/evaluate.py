@@ -200,11 +200,7 @@ def parse_data_spec(spec: str, train_cfg: dict | None = None,
 def _open_source(data_cfg, mode: str):
     if data_cfg.source == "folder" and mode == "all":
         root = data_cfg.path
-        if not os.path.isdir(root):
-            raise ValueError(f"{root!r} is not an existing folder")
-        files = sources_lib.list_image_files(root)
-        if not files:
-            raise ValueError(f"{root!r} contains no images ({', '.join(sources_lib.IMAGE_EXTENSIONS)})")
+        files = sources_lib.image_files_under(root, "--data folder")
         return sources_lib.FileListSource(root, files, uid=f"folder:all:{root}")
     return sources_lib.make_source(data_cfg, "eval")
 

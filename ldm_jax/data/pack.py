@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from ldm_jax.config_lib import ConfigError
-from ldm_jax.data.sources import folder_classes, in_holdout, list_image_files
+from ldm_jax.data.sources import folder_classes, image_files_under, in_holdout
 
 log = logging.getLogger("ldm_jax")
 
@@ -41,7 +41,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 def plan(src: str, eval_src: str = "", eval_holdout: float = 0.01) -> tuple[dict[str, list], tuple[str, ...]]:
     """``({"train": [(path, relpath, label)], "validation": [...]}, class_names)``: which file
     goes to which split with which label (0 and no classes for an unlabelled folder)."""
-    files = _images(src, "--src")
+    files = image_files_under(src, "--src")
     classes = folder_classes(files)
     index = {c: i for i, c in enumerate(classes)}
 
@@ -49,7 +49,7 @@ def plan(src: str, eval_src: str = "", eval_holdout: float = 0.01) -> tuple[dict
         return [(os.path.join(root, r), r, index[r.split("/", 1)[0]] if classes else 0) for r in rels]
 
     if eval_src:
-        eval_files = _images(eval_src, "--eval_src")
+        eval_files = image_files_under(eval_src, "--eval_src")
         if classes:
             unknown = sorted({r.split("/", 1)[0] for r in eval_files if "/" not in r or r.split("/", 1)[0] not in index})
             if unknown:
@@ -68,15 +68,6 @@ def plan(src: str, eval_src: str = "", eval_holdout: float = 0.01) -> tuple[dict
             raise ConfigError(f"the {name} split would be empty ({len(files)} images in {src!r}, "
                               f"--eval_holdout={eval_holdout}); change --eval_holdout or give --eval_src.")
     return splits, classes
-
-
-def _images(root: str, flag: str) -> list[str]:
-    if not root or not os.path.isdir(root):
-        raise ConfigError(f"{flag}={root!r} is not an existing folder.")
-    files = list_image_files(root)
-    if not files:
-        raise ConfigError(f"{flag}={root!r} contains no images (jpg, jpeg, png, webp; recursive).")
-    return files
 
 
 def _read_image(path: str) -> tuple[bytes | None, str]:

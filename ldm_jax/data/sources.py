@@ -155,6 +155,19 @@ def list_image_files(root: str) -> list[str]:
     return out
 
 
+def image_files_under(root: str, setting: str, context: str = "") -> list[str]:
+    """``list_image_files(root)``; a :class:`ConfigError` naming ``setting`` (the flag or
+    config field that gave ``root``; ``context`` follows it in the message) when ``root`` is
+    not a folder or holds no images."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"{setting}={root!r} is not an existing folder{context}.")
+    files = list_image_files(root)
+    if not files:
+        raise ConfigError(f"{setting}={root!r} contains no images (looked recursively for "
+                          f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive).")
+    return files
+
+
 def folder_classes(relpaths: Sequence[str]) -> tuple[str, ...]:
     """The classes of a folder's images (``list_image_files``): when every image lies in a
     sub-folder, the sorted top-level sub-folder names (the ImageFolder convention,
@@ -183,14 +196,7 @@ class FolderSource(FileListSource):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if not root:
             raise ConfigError("data_cfg.path is empty; set it to a folder of images for source='folder'.")
-        if not os.path.isdir(root):
-            raise ConfigError(f"data_cfg.path={root!r} is not an existing folder (source='folder').")
-        files = list_image_files(root)
-        if not files:
-            raise ConfigError(
-                f"data_cfg.path={root!r} contains no images (looked recursively for "
-                f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)."
-            )
+        files = image_files_under(root, "data_cfg.path", " (source='folder')")
         want_eval = split == "eval"
         chosen = [f for f in files if in_holdout(f, eval_holdout) == want_eval]
         if not chosen:
