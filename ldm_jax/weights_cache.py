@@ -106,7 +106,8 @@ def download(url: str, dest: str, sha256_prefix: str | None = None) -> str:
         if expected is not None and expected.isdigit() and received != int(expected):
             raise OSError(f"the connection for {url} ended after {received} of {expected} bytes")
         if sha256_prefix and not digest.hexdigest().startswith(sha256_prefix):
-            raise OSError(f"checksum mismatch for {url} (sha256 {digest.hexdigest()[:8]}...)")
+            raise OSError(f"checksum mismatch for {url}: sha256 {digest.hexdigest()}, "
+                          f"expected {sha256_prefix}{'' if len(sha256_prefix) == 64 else '...'}")
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -341,6 +341,21 @@ def test_missing_weights_error_names_file_url_and_place(tmp_path, monkeypatch):
     assert "--no_fid" not in msg  # a command-line flag: evaluate's message adds it where it applies
     with pytest.raises(iw.InceptionWeightsMissingError, match="does not exist"):
         iw.create_inception(str(tmp_path / "nope.npz"))
+    # online, the download is checked against the file's whole sha256; a failure is named
+    from ldm_jax import weights_cache
+
+    calls = []
+
+    def refuse(url, dest, sha256_prefix=None):
+        calls.append((url, dest, sha256_prefix))
+        raise OSError("no route to host")
+
+    monkeypatch.setenv("LDM_JAX_OFFLINE", "0")
+    monkeypatch.setattr(weights_cache, "download", refuse)
+    with pytest.raises(iw.InceptionWeightsMissingError, match="no route to host"):
+        iw.create_inception()
+    assert calls == [(iw.FID_WEIGHTS_URL, os.path.join(str(tmp_path / "cache"), iw.INCEPTION_PTH_NAME),
+                      "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2")]
 
 
 def test_cache_conversion_and_cli(torch_fid_net, tmp_path, monkeypatch):

@@ -337,7 +337,7 @@ def test_real_downloader_checks_and_renames_whole_files(tmp_path):
     try:
         sha = hashlib.sha256(payload).hexdigest()
         dest = str(cache / "w.pth")
-        assert weights_cache.download(f"{base}/w.pth", dest, sha[:8]) == dest
+        assert weights_cache.download(f"{base}/w.pth", dest, sha) == dest  # a whole sha256, or a prefix
         with open(dest, "rb") as f:
             assert f.read() == payload
         assert os.listdir(cache) == ["w.pth"]
@@ -346,7 +346,7 @@ def test_real_downloader_checks_and_renames_whole_files(tmp_path):
         wrong = ("0" if sha[0] != "0" else "1") + sha[1:8]
         assert weights_cache.try_download(f"{base}/w.pth", dest, notes, wrong) is None
         assert weights_cache.try_download(f"{base}/short.pth", dest, notes) is None
-        assert len(notes) == 2 and "checksum mismatch" in notes[0], notes
+        assert len(notes) == 2 and f"checksum mismatch for {base}/w.pth: sha256 {sha}, expected {wrong}..." in notes[0], notes
         assert f"short.pth ended after {len(payload) // 2} of {len(payload)} bytes" in notes[1], notes
         assert os.listdir(cache) == []
     finally:

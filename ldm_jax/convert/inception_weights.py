@@ -69,6 +69,9 @@ FID_WEIGHTS_URL = (
     "pt_inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
+# sha256 of that file (95,628,359 bytes), as several independent FID setups record it; its
+# first 8 digits are the suffix of the name (torch hub's naming rule)
+_FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_NPZ_NAME = "fid_inception_v3_2015-12-05.npz"
 
 # our leaf name -> torch suffix (within the same module path)
@@ -225,7 +228,9 @@ def create_inception(weights: str | os.PathLike | None = None, *,
     src = find_weights_file(INCEPTION_PTH_NAME, cache)
     notes: list[str] = []
     if src is None:
-        src = download_if_online(FID_WEIGHTS_URL, os.path.join(cache, INCEPTION_PTH_NAME), notes)
+        src = download_if_online(
+            FID_WEIGHTS_URL, os.path.join(cache, INCEPTION_PTH_NAME), notes, _FID_WEIGHTS_SHA256
+        )
     if src is None:
         raise InceptionWeightsMissingError(_missing_message(cache, notes))
     arrays = convert_inception_file(src)
