@@ -8,6 +8,7 @@ the rest run without torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 import shutil
@@ -292,13 +293,15 @@ def test_download_failures_are_reported(empty_env, monkeypatch):
     urls = []
 
     def no_network(url, dest, sha256_prefix=None):
-        urls.append(url)
+        urls.append((url, sha256_prefix))
         raise urllib.error.URLError("no network in tests")
 
     monkeypatch.setattr(weights_cache, "download", no_network)
     with pytest.raises(L.LPIPSWeightsMissingError, match="no network in tests"):
         L.create_lpips(rngs=nnx.Rngs(0))
-    assert urls == [L.VGG16_URL, L.HEADS_URL]
+    # each download is checked against the file's whole sha256
+    assert urls == [(L.VGG16_URL, "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
+                    (L.HEADS_URL, "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868")]
 
 
 def test_real_downloader_fails_cleanly(tmp_path):
@@ -314,7 +317,6 @@ def test_real_downloader_checks_and_renames_whole_files(tmp_path):
     """The downloader against a local HTTP server: a file arrives whole under its name; a
     wrong checksum or a connection that ends early reports why and leaves nothing (no file
     under the name, no temporary file)."""
-    import hashlib
     import http.server
     import threading
 
@@ -505,6 +507,9 @@ def test_create_lpips_downloads_missing_files(torch_weights, empty_env, monkeypa
         fetched.append((url, os.path.basename(dest)))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copy(sources[url], dest)
+        if url == L.HEADS_URL:  # the real heads file (the lpips wheel's) has the pinned sha256
+            with open(dest, "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == sha256_prefix
         return dest
 
     monkeypatch.setattr(weights_cache, "download", fake_download)

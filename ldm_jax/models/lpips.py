@@ -74,7 +74,10 @@ VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 HEADS_URL = (
     "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 )
-_VGG16_SHA256_PREFIX = "397923af"  # torchvision names its files by sha256 prefix
+# The downloads' sha256 (as recorded by several projects that pin them; torchvision names its
+# file by the first 8 digits). The heads file is the one the lpips wheel ships.
+_VGG16_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
+_HEADS_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
 # lpips' ScalingLayer constants: (x - shift) / scale on inputs in [-1, 1].
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -373,10 +376,12 @@ def create_lpips(
     notes: list[str] = []
     if vgg_src is None:
         vgg_src = download_if_online(
-            VGG16_URL, os.path.join(cache, VGG16_PTH_NAME), notes, _VGG16_SHA256_PREFIX
+            VGG16_URL, os.path.join(cache, VGG16_PTH_NAME), notes, _VGG16_SHA256
         )
     if heads_src is None:
-        heads_src = download_if_online(HEADS_URL, os.path.join(cache, HEADS_PTH_NAME), notes)
+        heads_src = download_if_online(
+            HEADS_URL, os.path.join(cache, HEADS_PTH_NAME), notes, _HEADS_SHA256
+        )
 
     if vgg_src is not None and heads_src is not None:
         arrays = convert_lpips_files(vgg_src, heads_src)
