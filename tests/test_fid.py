@@ -356,6 +356,7 @@ def test_missing_weights_error_names_file_url_and_place(tmp_path, monkeypatch):
         iw.create_inception()
     assert calls == [(iw.FID_WEIGHTS_URL, os.path.join(str(tmp_path / "cache"), iw.INCEPTION_PTH_NAME),
                       "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2")]
+    assert iw.INCEPTION_PTH_NAME.endswith(f"-{calls[0][2][:8]}.pth")  # torch hub's naming rule
 
 
 def test_cache_conversion_and_cli(torch_fid_net, tmp_path, monkeypatch):

@@ -302,6 +302,7 @@ def test_download_failures_are_reported(empty_env, monkeypatch):
     # each download is checked against the file's whole sha256
     assert urls == [(L.VGG16_URL, "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
                     (L.HEADS_URL, "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868")]
+    assert L.VGG16_PTH_NAME.endswith(f"-{urls[0][1][:8]}.pth")  # torchvision's naming rule
 
 
 def test_real_downloader_fails_cleanly(tmp_path):
