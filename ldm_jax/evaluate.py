@@ -36,10 +36,11 @@ Two settings:
   area of the padded pair (the padding can slightly touch features at the bottom/right
   border); Inception sees the crop resized to 299 as in pytorch-fid. This pass runs image
   by image on every local device at once (``--full_size_devices`` to use fewer), one image
-  per device, and each device compiles once per padded size. Whole-image
-  encoding holds the encoder's mid attention over all (H/f)·(W/f) latent positions, so
-  memory grows with the square of the image area: fine for ImageNet-sized photos with a
-  KL-f8 model, not for multi-megapixel images.
+  per device, and each device compiles once per padded size (on GPUs with the persistent
+  compilation cache, the first device to meet a size compiles and the others load).
+  Whole-image encoding holds the encoder's mid attention over all (H/f)·(W/f) latent
+  positions, so memory grows with the square of the image area: fine for ImageNet-sized
+  photos with a KL-f8 model, not for multi-megapixel images.
 
 Outputs in ``--out`` (default ``PATH/eval/<data>``): ``metrics.json`` (every metric, image
 counts, skipped files, model description, resolution, versions, warnings),
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import importlib.metadata
@@ -434,20 +436,56 @@ def _on_device(tree: Any, device) -> Any:
     return None if tree is None else jax.tree.map(one, tree)
 
 
+def _compiles_shared_across_devices() -> bool:
+    """Whether a program compiled for one local device is a persistent-cache hit on another:
+    on GPUs JAX leaves the device assignment out of the cache key (jax._src.cache_key), so
+    with the cache on, the same program on a second GPU loads instead of compiling. On CPUs
+    and TPUs the key names the devices."""
+    return jax.default_backend() == "gpu" and bool(jax.config.jax_compilation_cache_dir)
+
+
+class _FirstOfEachSize:
+    """``with gate(size):`` around a worker's device work on one image. Enabled, the first
+    image of each size runs alone: workers that meet the same size meanwhile wait for it,
+    then load the programs it compiled from the persistent cache
+    (``_compiles_shared_across_devices``) instead of all compiling the same programs at
+    once. A size whose first image failed stays unmarked: the next worker to meet it takes
+    the turn. Disabled (or once a size is done), it does nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._done: set = set()
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, size):
+        if not self.enabled or size in self._done:
+            yield
+            return
+        with self._guard:
+            lock = self._locks.setdefault(size, threading.Lock())
+        with lock:
+            yield
+            self._done.add(size)
+
+
 def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factory, n: int,
                     factor: int, bucket: int, tile: int, overlap: int, inc_batch: int,
                     devices: int = 0):
     """Every image of this process's key range at its own size, image by image, on
     ``devices`` local devices (0: all) at once: one worker thread per device takes every
-    ``k``-th image (each device compiles its own programs, once per padded size). Per-image
-    metrics do not depend on the device count; the Inception features of all workers are
-    batched on the first device."""
+    ``k``-th image (each device runs its own programs, compiled once per padded size; on
+    GPUs with the persistent compilation cache, compiled once and loaded on the other
+    devices: ``_FirstOfEachSize``). Per-image metrics do not depend on the device count; the
+    Inception features of all workers are batched on the first device."""
     count, index = jax.process_count(), jax.process_index()
     per = math.ceil(n / count)
     keys = range(min(index * per, n), min((index + 1) * per, n))
     local_devs = jax.local_devices()  # devices >= 0: checked by evaluate_autoencoder
     devs = local_devs[:min(devices or len(local_devs), len(local_devs), max(1, len(keys)))]
     multiple = math.lcm(max(1, bucket), factor)
+    first_of_size = _FirstOfEachSize(len(devs) > 1 and _compiles_shared_across_devices())
 
     @jax.jit
     def encode(st, x):
@@ -523,16 +561,17 @@ def _full_size_pass(*, ae_gd, ae_st, lp_gd, lp_st, inc_gd, inc_st, reader_factor
             hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
             shapes.add((hp, wp))
             xp_host = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect")[None]
-            xp = jax.device_put(xp_host, dev)
-            z = encode(st_ae, xp)
-            if decode_tiled is not None and tile > 0:
-                r = decode_tiled(decode_fn, z, factor=factor, tile=tile, overlap=overlap,
-                                 sharding=one_device)
-            else:
-                r = decode_fn(z)
-            r = _q8(jax.device_put(r, dev))
             hw = np.asarray([[h, w]], np.int32)
-            out = jax.device_get(region(st_lp, xp, r, hw))
+            with first_of_size((hp, wp)):
+                xp = jax.device_put(xp_host, dev)
+                z = encode(st_ae, xp)
+                if decode_tiled is not None and tile > 0:
+                    r = decode_tiled(decode_fn, z, factor=factor, tile=tile, overlap=overlap,
+                                     sharding=one_device)
+                else:
+                    r = decode_fn(z)
+                r = _q8(jax.device_put(r, dev))
+                out = jax.device_get(region(st_lp, xp, r, hw))
             for m in _METRICS:
                 if m in out:
                     local[m][i] = float(out[m][0])

@@ -251,8 +251,11 @@ def test_full_size_on_several_devices_equals_one_device(ae_dir, tmp_path):
     runs = {}
     for k in (1, 3):
         out = tmp_path / f"out{k}"
-        r = evaluate.evaluate_autoencoder(ae_dir, f"folder:{root}", batch_size=8, full_size=True,
-                                          lpips="none", fid=False, out_dir=str(out), full_size_devices=k)
+        # (3 workers: as on GPUs with the compilation cache, the first image of each size alone)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(evaluate, "_compiles_shared_across_devices", lambda: k > 1)
+            r = evaluate.evaluate_autoencoder(ae_dir, f"folder:{root}", batch_size=8, full_size=True,
+                                              lpips="none", fid=False, out_dir=str(out), full_size_devices=k)
         assert r["full_size"]["devices_per_process"] == k and r["full_size"]["num_images"] == 7
         assert [os.path.basename(p) for p in r["data"]["skipped_files"]] == ["zz_broken.png"]
         with open(out / "per_image.csv") as fh:
@@ -267,6 +270,52 @@ def test_full_size_on_several_devices_equals_one_device(ae_dir, tmp_path):
     with pytest.raises(ValueError, match="full_size_devices must be >= 0"):
         evaluate.evaluate_autoencoder(ae_dir, f"folder:{root}", full_size=True, lpips="none", fid=False,
                                       out_dir=str(tmp_path / "bad"), full_size_devices=-1)
+
+
+def test_first_image_of_each_size_runs_alone():
+    """The full-size pass's gate: enabled, the first image of a size runs alone (the others of
+    that size wait for it, other sizes do not); then the size is open to all at once; a
+    failed first image passes the turn on. Disabled, nothing waits."""
+    import threading
+
+    gate = evaluate._FirstOfEachSize(True)
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with gate((64, 64)):
+            inside.set()
+            release.wait(10)
+            order.append("first")
+
+    def second():
+        with gate((64, 64)):
+            order.append("second")
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    assert inside.wait(10)
+    t2 = threading.Thread(target=second)
+    t2.start()
+    with gate((128, 64)):  # another size: its own first image, no wait
+        order.append("other")
+    t2.join(0.3)
+    assert t2.is_alive() and order == ["other"]  # waits for the first 64x64 image
+    release.set()
+    t1.join(10)
+    t2.join(10)
+    assert order == ["other", "first", "second"]
+    gate._locks[(64, 64)].acquire()  # a done size takes no lock
+    with gate((64, 64)):
+        pass
+    gate._locks[(64, 64)].release()
+    with pytest.raises(RuntimeError, match="decode failed"):
+        with gate((32, 32)):
+            raise RuntimeError("decode failed")
+    assert (32, 32) not in gate._done and not gate._locks[(32, 32)].locked()
+    off = evaluate._FirstOfEachSize(False)
+    with off((64, 64)), off((64, 64)):  # (enabled, this would wait for itself)
+        pass
+    assert not off._locks
 
 
 def test_reference_pass_reports_its_own_unreadable_images(tmp_path):
