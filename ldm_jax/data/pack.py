@@ -61,8 +61,9 @@ def plan(src: str, eval_src: str = "", eval_holdout: float = 0.01) -> tuple[dict
     else:
         if not 0.0 < float(eval_holdout) < 1.0:
             raise ConfigError(f"--eval_holdout must be in (0, 1), got {eval_holdout!r}.")
-        splits = {"train": items(src, [f for f in files if not in_holdout(f, eval_holdout)]),
-                  "validation": items(src, [f for f in files if in_holdout(f, eval_holdout)])}
+        held = {f for f in files if in_holdout(f, eval_holdout)}  # (one hash per file)
+        splits = {"train": items(src, [f for f in files if f not in held]),
+                  "validation": items(src, [f for f in files if f in held])}
     for name, chosen in splits.items():
         if not chosen:
             raise ConfigError(f"the {name} split would be empty ({len(files)} images in {src!r}, "
