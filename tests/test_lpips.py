@@ -139,6 +139,40 @@ def test_bf16_compute_close_to_fp32(random_lpips):
     np.testing.assert_allclose(out, ref, rtol=5e-2)
 
 
+@pytest.mark.parametrize("hw", [(2, 2), (1, 3), (2, 1), (1, 1)])
+def test_small_input_conv_equals_the_convolution(hw):
+    """Inputs smaller than the 3x3 kernel (VGG's last stage on 32x32 images) take the
+    matmul form; it equals the padded convolution."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, *hw, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) / 12, jnp.float32)
+    want = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(L._conv3x3_as_matmul(x, k), want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sharded_lpips_moves_no_data_between_devices(random_lpips):
+    """With the batch sharded over 8 devices each device compares its own pairs: the
+    compiled distance and its input gradient (the VAE-GAN step's) have no all-to-all and no
+    collective permute, and give the single-device numbers."""
+    from ldm_jax import sharding
+
+    x, y = _images(4, (8, 32, 32, 3))
+    sh = sharding.batch_sharding(sharding.make_mesh(dict(data=8, fsdp=1, num_devices=-1)))
+    graphdef, state = nnx.split(random_lpips)
+
+    def dist_and_grad(st, a, b):
+        return jax.value_and_grad(lambda v: nnx.merge(graphdef, st)(v, b).sum())(a)
+
+    fn = jax.jit(dist_and_grad, out_shardings=(None, sh))
+    args = (state, jax.device_put(x, sh), jax.device_put(y, sh))
+    hlo = fn.lower(*args).compile().as_text()
+    assert "all-to-all" not in hlo and "collective-permute" not in hlo
+    (d8, g8), (d1, g1) = fn(*args), jax.jit(dist_and_grad)(state, jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(float(d8), float(d1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=1e-4, atol=1e-6 * float(jnp.abs(g1).max()))
+
+
 def test_load_is_strict(random_lpips, tmp_path):
     arrays = _weights(random_lpips)
     assert "vgg/conv1_1/kernel" in arrays and "lin4/weight" in arrays
@@ -464,7 +498,7 @@ def converted(torch_mods, torch_weights, tmp_path_factory):
     return model, _reference_lpips(torch_mods, vgg_sd)
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 50, 70)])
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 50, 70), (2, 32, 32)])
 def test_parity_with_lpips_package(torch_mods, converted, shape):
     torch = torch_mods[0]
     model, ref = converted

@@ -111,14 +111,31 @@ class _FrozenConv3x3(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = jax.lax.stop_gradient(self.kernel[...]).astype(self.dtype)
         bias = jax.lax.stop_gradient(self.bias[...]).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if min(x.shape[1:3]) < 3:
+            return _conv3x3_as_matmul(x, kernel) + bias
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
+            x,
             kernel,
             window_strides=(1, 1),
             padding=((1, 1), (1, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return y + bias
+
+
+def _conv3x3_as_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 'same' 3x3 convolution of an input smaller than the kernel (VGG's last stage on
+    32x32 images is 2x2) as one matmul over the nine shifted copies of the padded input.
+
+    XLA rewrites a convolution whose kernel is larger than its input by swapping the two
+    operands; XLA:CPU runs that form as a naive loop, ~13x slower than this matmul for a
+    512-channel layer on a 2x2 input (30 ms against 2.3 ms, forward alone). Same sums, up
+    to float rounding."""
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3)
+    return jnp.einsum("nhwkc,kco->nhwo", taps, kernel.reshape(9, *kernel.shape[2:]))
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -218,12 +235,17 @@ class LPIPS(nnx.Module):
         b = x.shape[0]
         shift = jnp.asarray(_SHIFT, jnp.float32)
         scale = jnp.asarray(_SCALE, jnp.float32)
-        xy = jnp.concatenate([x.astype(jnp.float32), y.astype(jnp.float32)], axis=0)
-        feats = self.vgg((xy - shift) / scale)  # one trunk pass for both batches
+        # One trunk pass for both batches, interleaved (x0, y0, x1, y1, ...) rather than
+        # concatenated: with the batch sharded over devices each device then holds both
+        # images of its pairs, and the differences below need no data from other devices
+        # (concatenating moved the inputs with an all-to-all and every feature map with
+        # collective permutes).
+        xy = jnp.stack([x.astype(jnp.float32), y.astype(jnp.float32)], axis=1)
+        feats = self.vgg((xy.reshape((2 * b,) + x.shape[1:]) - shift) / scale)
         total = jnp.zeros((b,), jnp.float32)
         for k, f in enumerate(feats):
-            f = _unit_normalize(f.astype(jnp.float32))
-            d = jnp.square(f[:b] - f[b:])
+            f = _unit_normalize(f.astype(jnp.float32)).reshape((b, 2) + f.shape[1:])
+            d = jnp.square(f[:, 0] - f[:, 1])
             total = total + jnp.mean(getattr(self, f"lin{k}")(d), axis=(1, 2))
         return total
 
