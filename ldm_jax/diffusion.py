@@ -245,19 +245,23 @@ def classifier_free_guidance(model_fn_cond: Callable[[jax.Array, jax.Array, jax.
                              y: jax.Array, null_label: int, scale: float) -> ModelFn:
     """``model_fn(x, t)`` returning ``uncond + scale·(cond - uncond)``.
 
-    ``model_fn_cond(x, t, y)`` is called once on the doubled batch ``[x; x]`` with labels
-    ``[y; null]``. A Python ``scale == 1`` is plain conditional sampling (one batch).
+    ``model_fn_cond(x, t, y)`` is called once on the doubled batch ``x0, x0, x1, x1, ...``
+    with labels ``y0, null, y1, null, ...``. Each sample is next to its unconditional twin
+    (not ``[x; x]``), so with the batch sharded over devices both calls of a sample stay on
+    its device: no all-to-all before the U-Net nor permutes after it, at every step. A
+    Python ``scale == 1`` is plain conditional sampling (one batch).
     """
     y = jnp.asarray(y)
     if isinstance(scale, (int, float)) and scale == 1:
         return lambda x, t: model_fn_cond(x, t, y)
 
+    def pair(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        b = x.shape[0]
-        out = model_fn_cond(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                            jnp.concatenate([y, jnp.full_like(y, null_label)]))
-        out = out.astype(jnp.float32)
-        cond, uncond = out[:b], out[b:]
+        out = model_fn_cond(pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
+        out = out.astype(jnp.float32).reshape((x.shape[0], 2) + out.shape[1:])
+        cond, uncond = out[:, 0], out[:, 1]
         return uncond + scale * (cond - uncond)
 
     return model_fn
