@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.sharding import interleave_pairs, split_pairs
+
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
@@ -246,22 +248,18 @@ def classifier_free_guidance(model_fn_cond: Callable[[jax.Array, jax.Array, jax.
     """``model_fn(x, t)`` returning ``uncond + scale·(cond - uncond)``.
 
     ``model_fn_cond(x, t, y)`` is called once on the doubled batch ``x0, x0, x1, x1, ...``
-    with labels ``y0, null, y1, null, ...``. Each sample is next to its unconditional twin
-    (not ``[x; x]``), so with the batch sharded over devices both calls of a sample stay on
-    its device: no all-to-all before the U-Net nor permutes after it, at every step. A
-    Python ``scale == 1`` is plain conditional sampling (one batch).
+    with labels ``y0, null, y1, null, ...`` (``sharding.interleave_pairs``: with the batch
+    sharded over devices, both calls of a sample stay on its device at every step). A Python
+    ``scale == 1`` is plain conditional sampling (one batch).
     """
     y = jnp.asarray(y)
     if isinstance(scale, (int, float)) and scale == 1:
         return lambda x, t: model_fn_cond(x, t, y)
 
-    def pair(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
-
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        out = model_fn_cond(pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
-        out = out.astype(jnp.float32).reshape((x.shape[0], 2) + out.shape[1:])
-        cond, uncond = out[:, 0], out[:, 1]
+        out = model_fn_cond(interleave_pairs(x, x), interleave_pairs(t, t),
+                            interleave_pairs(y, jnp.full_like(y, null_label)))
+        cond, uncond = split_pairs(out.astype(jnp.float32))
         return uncond + scale * (cond - uncond)
 
     return model_fn

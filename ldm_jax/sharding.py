@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -61,6 +62,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def interleave_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a0, b0, a1, b1, ...``: one batch of ``2n`` from two batches of ``n``.
+
+    For running one network on two batches whose outputs are then combined per sample (the
+    two images of an LPIPS pair; a sample and its unconditional twin under classifier-free
+    guidance). Concatenating ``[a; b]`` instead puts, with the batch sharded over devices,
+    ``a`` on the first half of the devices and ``b`` on the second: XLA then moves the
+    inputs with an all-to-all and every per-sample combination with collective permutes.
+    Interleaved, both members of a pair sit on the same device. Undo with ``split_pairs``.
+    """
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"interleave_pairs needs batches of equal size, got {a.shape} and {b.shape}")
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def split_pairs(ab: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of ``interleave_pairs``: ``(a, b)`` from ``a0, b0, a1, b1, ...``."""
+    if ab.shape[0] % 2:
+        raise ValueError(f"split_pairs needs an even batch, got {ab.shape}")
+    ab = ab.reshape((ab.shape[0] // 2, 2) + ab.shape[1:])
+    return ab[:, 0], ab[:, 1]
 
 
 def param_spec(shape: tuple[int, ...], fsdp_size: int) -> P:

@@ -397,6 +397,23 @@ def test_classifier_free_guidance_one_doubled_call():
     assert out.shape == (3, 5) and np.all(np.isfinite(np.asarray(out)))
 
 
+def test_interleave_pairs_order_and_inverse():
+    """``a0, b0, a1, b1, ...`` (the order that keeps pairs on one device) and back."""
+    from ldm_jax.sharding import interleave_pairs, split_pairs
+
+    a = jnp.arange(6.0).reshape(3, 2)
+    b = -a - 100.0
+    ab = interleave_pairs(a, b)
+    np.testing.assert_array_equal(np.asarray(ab[:, 0]), [0.0, -100.0, 2.0, -102.0, 4.0, -104.0])
+    a2, b2 = split_pairs(ab)
+    np.testing.assert_array_equal(np.asarray(a2), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(b2), np.asarray(b))
+    with pytest.raises(ValueError, match="equal size"):
+        interleave_pairs(a, b[:2])
+    with pytest.raises(ValueError, match="even batch"):
+        split_pairs(a)
+
+
 def test_guided_call_on_a_sharded_batch_stays_on_each_device():
     """With the batch sharded over 8 devices, the doubled CFG batch keeps each sample and its
     unconditional twin on the sample's device: no all-to-all before the model, no collective

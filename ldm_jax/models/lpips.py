@@ -39,6 +39,7 @@ from ldm_jax.convert.lpips_weights import (
     convert_vgg16,
 )
 from ldm_jax.convert.torch_pickle import load_torch_state_dict
+from ldm_jax.sharding import interleave_pairs, split_pairs
 from ldm_jax.weights_cache import (
     default_cache_dir,
     download_if_online,
@@ -235,17 +236,14 @@ class LPIPS(nnx.Module):
         b = x.shape[0]
         shift = jnp.asarray(_SHIFT, jnp.float32)
         scale = jnp.asarray(_SCALE, jnp.float32)
-        # One trunk pass for both batches, interleaved (x0, y0, x1, y1, ...) rather than
-        # concatenated: with the batch sharded over devices each device then holds both
-        # images of its pairs, and the differences below need no data from other devices
-        # (concatenating moved the inputs with an all-to-all and every feature map with
-        # collective permutes).
-        xy = jnp.stack([x.astype(jnp.float32), y.astype(jnp.float32)], axis=1)
-        feats = self.vgg((xy.reshape((2 * b,) + x.shape[1:]) - shift) / scale)
+        # One trunk pass for both batches, interleaved (x0, y0, x1, y1, ...) so that with the
+        # batch sharded over devices the differences below need no data from other devices.
+        xy = interleave_pairs(x.astype(jnp.float32), y.astype(jnp.float32))
+        feats = self.vgg((xy - shift) / scale)
         total = jnp.zeros((b,), jnp.float32)
         for k, f in enumerate(feats):
-            f = _unit_normalize(f.astype(jnp.float32)).reshape((b, 2) + f.shape[1:])
-            d = jnp.square(f[:, 0] - f[:, 1])
+            fx, fy = split_pairs(_unit_normalize(f.astype(jnp.float32)))
+            d = jnp.square(fx - fy)
             total = total + jnp.mean(getattr(self, f"lin{k}")(d), axis=(1, 2))
         return total
 
