@@ -12,11 +12,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from clu import metrics as clu_metrics
 
 from ldm_jax import checkpointing
-from ldm_jax.trainers.common import FlatState, flat_step, run_training_loop
+from ldm_jax.trainers.common import (FlatState, clip_by_global_norm, finite_and_norm, flat_step, global_norm,
+                                     run_training_loop)
 
 Metrics = clu_metrics.Collection.create(loss=clu_metrics.Average.from_output("loss"))
 
@@ -199,6 +201,54 @@ def test_flat_state_steps_pass_only_arrays():
     np.testing.assert_array_equal(out["model"]["w"][...], np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2)
     assert float(total) == float(np.sum(np.arange(8.0).reshape(8, 1) * np.ones((8, 4)) + 2))
     assert all(x.sharding == sharding.replicated(mesh) for x in flat.leaves)
+
+
+def _grad_tree():
+    """A model's gradients in miniature: many small arrays (biases, norm scales), a few large
+    ones, float32 and bfloat16."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
+    tree = {f"bias{i}": jax.random.normal(next(keys), (32 + i,)) for i in range(40)}
+    tree["scale"] = jax.random.normal(next(keys), (64,)).astype(jnp.bfloat16)
+    tree["conv"] = jax.random.normal(next(keys), (64, 3, 3, 128))  # 73,728 elements
+    tree["dense"] = jax.random.normal(next(keys), (300, 300)).astype(jnp.bfloat16)
+    return tree
+
+
+def test_global_norm_sums_the_small_arrays_in_one_reduction():
+    """``global_norm`` is optax's norm, but the arrays under ``SMALL_ARRAY_ELEMENTS`` are
+    reduced together: one reduction for the 41 small arrays, one per large array (optax:
+    one per array, i.e. one GPU kernel launch each in a training step)."""
+    tree = _grad_tree()
+    want = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    got = jax.jit(global_norm)(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    hlo = jax.jit(global_norm).lower(tree).compile().as_text()
+    assert hlo.count(" reduce(") == 3, hlo.count(" reduce(")
+    assert float(global_norm({})) == 0.0
+    # The trainers' non-finite guard reads finiteness off this norm: a NaN or inf anywhere,
+    # small array or large, makes it non-finite.
+    for name, bad in (("bias3", jnp.nan), ("dense", jnp.inf), ("scale", -jnp.inf)):
+        broken = dict(tree, **{name: tree[name].at[0].set(bad)})
+        ok, norm = finite_and_norm(jnp.float32(1.0), broken)
+        assert not bool(ok) and not np.isfinite(float(norm)), name
+    ok, norm = finite_and_norm(jnp.float32(1.0), tree)
+    assert bool(ok) and float(norm) == pytest.approx(float(want), rel=1e-6)
+    assert not bool(finite_and_norm(jnp.float32(jnp.nan), tree)[0])
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipped / left alone
+def test_clip_by_global_norm_is_optax_clip(max_norm):
+    tree = jax.tree.map(lambda x: x.astype(jnp.float32), _grad_tree())
+    ours, ref = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    state = ours.init(tree)
+    assert type(state) is type(ref.init(tree)) and not jax.tree.leaves(state)
+    got, _ = jax.jit(ours.update)(tree, state)
+    want, _ = ref.update(tree, ref.init(tree))
+    for k in tree:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-6, atol=1e-9, err_msg=k)
+    norm = float(optax.tree.norm(got))
+    assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(tree))), rel=1e-5)
 
 
 def test_one_shot_compiler_options_by_output_size():

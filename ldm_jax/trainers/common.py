@@ -25,7 +25,43 @@ def dtype(name: str):
     return DTYPES[name]
 
 
-global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+# Arrays with fewer elements than this are summed together by ``global_norm``.
+SMALL_ARRAY_ELEMENTS = 2**16
+
+
+def global_norm(tree) -> jax.Array:
+    """The l2 norm of all of ``tree``'s elements (float32), as ``optax.tree.norm``, with the
+    small arrays (biases, norm scales: most of a model's arrays, a tiny share of its
+    elements) raveled and concatenated into one vector first. XLA fuses that concatenation
+    into the reduction, so they cost one GPU kernel between them instead of one each (the
+    285.7M U-Net has 279 arrays under 64k elements)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+
+    def sumsq(x):
+        x = x.astype(jnp.float32)
+        return jnp.sum(x * x)
+
+    small = [x.ravel() for x in leaves if x.size < SMALL_ARRAY_ELEMENTS]
+    total = [sumsq(x) for x in leaves if x.size >= SMALL_ARRAY_ELEMENTS]
+    if small:
+        total.append(sumsq(jnp.concatenate([x.astype(jnp.float32) for x in small])))
+    return jnp.sqrt(sum(total[1:], total[0]))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (same updates, same empty state) on ``global_norm``, so
+    the clipping and ``finite_and_norm`` compute one identical norm that XLA merges."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(
+            lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def fresh(tree):

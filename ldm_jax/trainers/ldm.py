@@ -34,8 +34,8 @@ from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
-from ldm_jax.trainers.common import (FlatState, check_workdir, dtype, finite_and_norm, flat_step,
-                                     init_sharded, log_once, lr_schedule, microbatch_mean, param_count,
+from ldm_jax.trainers.common import (FlatState, check_workdir, clip_by_global_norm, dtype, finite_and_norm,
+                                     flat_step, init_sharded, log_once, lr_schedule, microbatch_mean, param_count,
                                      prepare_workdir, run_training_loop, tree_where, use_compilation_cache)
 
 
@@ -84,7 +84,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
     o = config.optim
     lr = lr_schedule(o.lr, o, config.num_train_steps)
-    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    parts = [clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr
 

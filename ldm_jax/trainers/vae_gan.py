@@ -44,8 +44,8 @@ from ldm_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL, Diagona
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import LPIPSWeightsMissingError, create_lpips
-from ldm_jax.trainers.common import (FlatState, check_workdir, dtype as _dtype, finite_and_norm,
-                                     flat_step, fresh as _fresh, init_sharded, lr_schedule,
+from ldm_jax.trainers.common import (FlatState, check_workdir, clip_by_global_norm, dtype as _dtype,
+                                     finite_and_norm, flat_step, fresh as _fresh, init_sharded, lr_schedule,
                                      microbatch_mean, log_once as _log_once, prepare_workdir,
                                      run_training_loop, tree_where as _tree_where, use_compilation_cache)
 
@@ -101,7 +101,7 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.Gradie
     schedule = lr_schedule(lr, o, config.num_train_steps)
     parts = []
     if o.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+        parts.append(clip_by_global_norm(o.grad_clip_norm))
     parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2))
     return optax.chain(*parts)
 
