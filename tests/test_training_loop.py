@@ -209,26 +209,34 @@ def _grad_tree():
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
     tree = {f"bias{i}": jax.random.normal(next(keys), (32 + i,)) for i in range(40)}
     tree["scale"] = jax.random.normal(next(keys), (64,)).astype(jnp.bfloat16)
-    tree["conv"] = jax.random.normal(next(keys), (64, 3, 3, 128))  # 73,728 elements
-    tree["dense"] = jax.random.normal(next(keys), (300, 300)).astype(jnp.bfloat16)
+    tree["conv"] = jax.random.normal(next(keys), (64, 3, 3, 128))  # 73,728 = 72 * 1024 elements
+    tree["conv2"] = jax.random.normal(next(keys), (128, 3, 3, 64)).astype(jnp.bfloat16)
+    tree["dense"] = jax.random.normal(next(keys), (300, 300))  # 90,000: not a multiple of 1024
     return tree
 
 
-def test_global_norm_sums_the_small_arrays_in_one_reduction():
-    """``global_norm`` is optax's norm, but the arrays under ``SMALL_ARRAY_ELEMENTS`` are
-    reduced together: one reduction for the 41 small arrays, one per large array (optax:
-    one per array, i.e. one GPU kernel launch each in a training step)."""
+def test_global_norm_in_few_reductions():
+    """``global_norm`` is optax's norm in fewer reductions (GPU kernels in a training step):
+    the 41 arrays under ``SMALL_ARRAY_ELEMENTS`` reduced together, each large array whose
+    size is a multiple of ``NORM_PARTIALS`` reduced to that many partial sums, the partial
+    sums added and reduced once; optax: one reduction per array (two kernels for a large
+    one on a GPU)."""
+    from ldm_jax.trainers import common
+
+    assert common.SMALL_ARRAY_ELEMENTS == 2**16 and common.NORM_PARTIALS == 1024
     tree = _grad_tree()
     want = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
     got = jax.jit(global_norm)(tree)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     hlo = jax.jit(global_norm).lower(tree).compile().as_text()
-    assert hlo.count(" reduce(") == 3, hlo.count(" reduce(")
+    # small arrays: 1; conv, conv2: 1 each to 1024 partial sums, then 1; dense: 1.
+    assert hlo.count(" reduce(") == 5, hlo.count(" reduce(")
     assert float(global_norm({})) == 0.0
+    np.testing.assert_allclose(float(global_norm({"b": jnp.full((3,), 2.0)})), np.sqrt(12.0), rtol=1e-7)
     # The trainers' non-finite guard reads finiteness off this norm: a NaN or inf anywhere,
     # small array or large, makes it non-finite.
-    for name, bad in (("bias3", jnp.nan), ("dense", jnp.inf), ("scale", -jnp.inf)):
+    for name, bad in (("bias3", jnp.nan), ("dense", jnp.inf), ("scale", -jnp.inf), ("conv2", jnp.nan)):
         broken = dict(tree, **{name: tree[name].at[0].set(bad)})
         ok, norm = finite_and_norm(jnp.float32(1.0), broken)
         assert not bool(ok) and not np.isfinite(float(norm)), name

@@ -27,26 +27,41 @@ def dtype(name: str):
 
 # Arrays with fewer elements than this are summed together by ``global_norm``.
 SMALL_ARRAY_ELEMENTS = 2**16
+# ``global_norm`` sums each large array's squares into this many partial sums.
+NORM_PARTIALS = 1024
 
 
 def global_norm(tree) -> jax.Array:
-    """The l2 norm of all of ``tree``'s elements (float32), as ``optax.tree.norm``, with the
-    small arrays (biases, norm scales: most of a model's arrays, a tiny share of its
-    elements) raveled and concatenated into one vector first. XLA fuses that concatenation
-    into the reduction, so they cost one GPU kernel between them instead of one each (the
-    285.7M U-Net has 279 arrays under 64k elements)."""
+    """The l2 norm of all of ``tree``'s elements (float32), as ``optax.tree.norm``, in few
+    GPU kernels. optax takes one sum of squares per array, each one or two kernels (a large
+    one is reduced to partial sums, then to a scalar). Here the arrays under
+    ``SMALL_ARRAY_ELEMENTS`` (biases, norm scales: most of a model's arrays, a tiny share of
+    its elements) are raveled and concatenated into one vector, reduced in one fusion; each
+    large array is reduced to ``NORM_PARTIALS`` row sums in one kernel, and the partial-sum
+    vectors are added elementwise and reduced in one more."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
 
-    def sumsq(x):
+    def squares(x):
         x = x.astype(jnp.float32)
-        return jnp.sum(x * x)
+        return x * x
 
     small = [x.ravel() for x in leaves if x.size < SMALL_ARRAY_ELEMENTS]
-    total = [sumsq(x) for x in leaves if x.size >= SMALL_ARRAY_ELEMENTS]
+    total = []
+    partials = None
+    for x in leaves:
+        if x.size < SMALL_ARRAY_ELEMENTS:
+            continue
+        if x.size % NORM_PARTIALS:
+            total.append(jnp.sum(squares(x)))
+            continue
+        rows = jnp.sum(squares(x).reshape(NORM_PARTIALS, -1), axis=1)
+        partials = rows if partials is None else partials + rows
+    if partials is not None:
+        total.append(jnp.sum(partials))
     if small:
-        total.append(sumsq(jnp.concatenate([x.astype(jnp.float32) for x in small])))
+        total.append(jnp.sum(squares(jnp.concatenate([x.astype(jnp.float32) for x in small]))))
     return jnp.sqrt(sum(total[1:], total[0]))
 
 
