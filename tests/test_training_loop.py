@@ -245,6 +245,46 @@ def test_global_norm_in_few_reductions():
     assert not bool(finite_and_norm(jnp.float32(jnp.nan), tree)[0])
 
 
+def test_global_norm_of_sharded_gradients_moves_no_arrays():
+    """With the arrays split over devices as FSDP splits parameters, ``sharded=True`` sums
+    each device's shards and all-reduces scalars: no all-gather, all-to-all or permute (the
+    packing and reshaping of the replicated case would move the arrays). Replicated arrays
+    (data parallel) with ``sharded=False``: no cross-device op at all."""
+    import re
+
+    import ml_collections
+
+    from ldm_jax import sharding
+    from ldm_jax.trainers import common
+
+    shapes = [(64, 3, 3, 128), (128, 3, 3, 64), (300, 224), (224, 896), (20000,), (448,), (64, 3, 3, 4)]
+    fsdp = sharding.make_mesh(dict(data=1, fsdp=8, num_devices=-1))
+    dp = sharding.make_mesh(dict(data=8, fsdp=1, num_devices=-1))
+    keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
+    values = {f"a{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
+    want = float(optax.tree.norm(values))
+
+    def ops(mesh, sharded):
+        specs = {k: sharding.param_spec(v.shape, mesh.shape["fsdp"]) for k, v in values.items()}
+        tree = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k])) for k, v in values.items()}
+        fn = jax.jit(lambda t: global_norm(t, sharded=sharded))
+        hlo = fn.lower(tree).compile().as_text()
+        np.testing.assert_allclose(float(fn(tree)), want, rtol=1e-6)
+        return {op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+                if re.search(op + r"(-start)?\(", hlo)}, specs
+
+    moved, specs = ops(fsdp, True)
+    assert sum(any(p) for p in specs.values()) == 5  # five of the seven arrays are split
+    assert moved == {"all-reduce"}, moved
+    assert ops(dp, False)[0] == set()
+    # The unsharded layout on an FSDP mesh gathers arrays (why the trainers pass the flag).
+    assert ops(fsdp, False)[0] - {"all-reduce"}
+    def cfg(fsdp):
+        return ml_collections.ConfigDict(dict(mesh=dict(data=-1, fsdp=fsdp)))
+
+    assert common.params_sharded(cfg(-1)) and common.params_sharded(cfg(4)) and not common.params_sharded(cfg(1))
+
+
 @pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipped / left alone
 def test_clip_by_global_norm_is_optax_clip(max_norm):
     tree = jax.tree.map(lambda x: x.astype(jnp.float32), _grad_tree())

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.config_lib import LR_DECAYS, ConfigError
+from ldm_jax.sharding import MIN_FSDP_SIZE
 
 log = logging.getLogger("ldm_jax")
 
@@ -31,14 +32,25 @@ SMALL_ARRAY_ELEMENTS = 2**16
 NORM_PARTIALS = 1024
 
 
-def global_norm(tree) -> jax.Array:
+def params_sharded(config) -> bool:
+    """Whether the run's parameters (and so their gradients) may be split over devices: an
+    FSDP mesh axis other than 1."""
+    return int(config.mesh.fsdp) != 1
+
+
+def global_norm(tree, *, sharded: bool = False) -> jax.Array:
     """The l2 norm of all of ``tree``'s elements (float32), as ``optax.tree.norm``, in few
     GPU kernels. optax takes one sum of squares per array, each one or two kernels (a large
     one is reduced to partial sums, then to a scalar). Here the arrays under
     ``SMALL_ARRAY_ELEMENTS`` (biases, norm scales: most of a model's arrays, a tiny share of
     its elements) are raveled and concatenated into one vector, reduced in one fusion; each
     large array is reduced to ``NORM_PARTIALS`` row sums in one kernel, and the partial-sum
-    vectors are added elementwise and reduced in one more."""
+    vectors are added elementwise and reduced in one more.
+
+    ``sharded``: the arrays may be split over devices (FSDP). Packing and reshaping them
+    would then move them between devices, so only the arrays that FSDP never splits (under
+    ``sharding.MIN_FSDP_SIZE`` elements) are packed, and every other array is summed on its
+    own, each device over its shard, with one all-reduce for all of them."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
@@ -47,13 +59,14 @@ def global_norm(tree) -> jax.Array:
         x = x.astype(jnp.float32)
         return x * x
 
-    small = [x.ravel() for x in leaves if x.size < SMALL_ARRAY_ELEMENTS]
+    small_size = min(SMALL_ARRAY_ELEMENTS, MIN_FSDP_SIZE) if sharded else SMALL_ARRAY_ELEMENTS
+    small = [x.ravel() for x in leaves if x.size < small_size]
     total = []
     partials = None
     for x in leaves:
-        if x.size < SMALL_ARRAY_ELEMENTS:
+        if x.size < small_size:
             continue
-        if x.size % NORM_PARTIALS:
+        if sharded or x.size % NORM_PARTIALS:
             total.append(jnp.sum(squares(x)))
             continue
         rows = jnp.sum(squares(x).reshape(NORM_PARTIALS, -1), axis=1)
@@ -65,13 +78,14 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(total[1:], total[0]))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, *, sharded: bool = False) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm`` (same updates, same empty state) on ``global_norm``, so
-    the clipping and ``finite_and_norm`` compute one identical norm that XLA merges."""
+    the clipping and ``finite_and_norm`` (given the same ``sharded``) compute one identical
+    norm that XLA merges."""
 
     def update_fn(updates, state, params=None):
         del params
-        norm = global_norm(updates)
+        norm = global_norm(updates, sharded=sharded)
         keep = norm < max_norm
         return jax.tree.map(
             lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
@@ -161,13 +175,14 @@ def flat_step(step_fn: Callable) -> Callable:
     return fn
 
 
-def finite_and_norm(loss, grads) -> tuple[jax.Array, jax.Array]:
+def finite_and_norm(loss, grads, *, sharded: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(loss and every gradient element finite, global gradient norm)`` from one reduction
     over the gradients: a NaN propagates into the sum of squares and an inf squares to inf,
     so the norm is finite exactly when every element is (and the squares do not overflow
     fp32: a gradient norm above ~1e19 counts as non-finite, a step to skip anyway). The
-    clipping transform's identical norm computation is merged with this one by XLA."""
-    norm = global_norm(grads)
+    clipping transform's identical norm computation (same ``sharded``, see ``global_norm``)
+    is merged with this one by XLA."""
+    norm = global_norm(grads, sharded=sharded)
     return jnp.isfinite(loss) & jnp.isfinite(norm), norm
 
 

@@ -36,7 +36,8 @@ from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (FlatState, check_workdir, clip_by_global_norm, dtype, finite_and_norm,
                                      flat_step, init_sharded, log_once, lr_schedule, microbatch_mean, param_count,
-                                     prepare_workdir, run_training_loop, tree_where, use_compilation_cache)
+                                     params_sharded, prepare_workdir, run_training_loop, tree_where,
+                                     use_compilation_cache)
 
 
 METRIC_NAMES = ("loss", "grad_norm", "lr", "ema_decay", "skipped")
@@ -84,7 +85,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
     o = config.optim
     lr = lr_schedule(o.lr, o, config.num_train_steps)
-    parts = [clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    clip = clip_by_global_norm(o.grad_clip_norm, sharded=params_sharded(config))
+    parts = [clip] if o.grad_clip_norm > 0 else []
     parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr
 
@@ -239,7 +241,7 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn
         ema = jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32)
                                          + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
                            state.ema_params, params)
-        finite, gnorm = finite_and_norm(loss, grads)
+        finite, gnorm = finite_and_norm(loss, grads, sharded=params_sharded(config))
         new = tree_where(finite, dict(params=params, opt=opt, ema_params=ema),
                          dict(params=state.params, opt=state.opt, ema_params=state.ema_params))
         new_state = state.replace(**new, step=state.step + 1, rng=rng,

@@ -46,7 +46,7 @@ from ldm_jax.models.layers import CONV_DIMENSION_NUMBERS
 from ldm_jax.models.lpips import LPIPSWeightsMissingError, create_lpips
 from ldm_jax.trainers.common import (FlatState, check_workdir, clip_by_global_norm, dtype as _dtype,
                                      finite_and_norm, flat_step, fresh as _fresh, init_sharded, lr_schedule,
-                                     microbatch_mean, log_once as _log_once, prepare_workdir,
+                                     microbatch_mean, log_once as _log_once, params_sharded, prepare_workdir,
                                      run_training_loop, tree_where as _tree_where, use_compilation_cache)
 
 
@@ -101,7 +101,7 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict) -> optax.Gradie
     schedule = lr_schedule(lr, o, config.num_train_steps)
     parts = []
     if o.grad_clip_norm > 0:
-        parts.append(clip_by_global_norm(o.grad_clip_norm))
+        parts.append(clip_by_global_norm(o.grad_clip_norm, sharded=params_sharded(config)))
     parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2))
     return optax.chain(*parts)
 
@@ -122,6 +122,7 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
 
     ae_cfg = AutoencoderConfig.from_dict(config.model)
     n_micro = int(config.optim.grad_accum_steps)
+    sharded = params_sharded(config)
 
     def step_fn(state: TrainState, lpips_state: Any, batch: dict, acc: Any):
         images = batch["image"]
@@ -216,8 +217,8 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict,
             gen_params=optax.apply_updates(state.gen_params, gen_upd),
             disc_params=optax.apply_updates(state.disc_params, disc_upd),
             gen_opt=gen_opt, disc_opt=disc_opt, disc_stats=disc_stats, ae_rest=ae_rest)
-        gen_ok, gen_norm = finite_and_norm(scalars["loss"], gen_grads)
-        disc_ok, disc_norm = finite_and_norm(scalars["d_loss"], disc_grads)
+        gen_ok, gen_norm = finite_and_norm(scalars["loss"], gen_grads, sharded=sharded)
+        disc_ok, disc_norm = finite_and_norm(scalars["d_loss"], disc_grads, sharded=sharded)
         finite = gen_ok & disc_ok
         old = {k: getattr(state, k) for k in candidate}
         new_state = state.replace(
