@@ -224,6 +224,36 @@ def test_output_shape_and_dtype(num_classes, dtype):
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
 
 
+def test_cast_to_compute_dtype_same_outputs():
+    """``cast_to_compute_dtype`` (the samplers' once-per-call conversion) turns exactly the
+    weights the layers convert at each call into bf16 (conv / dense kernels and biases, the
+    label table), leaves the GroupNorm parameters in float32, and the model computes the same
+    numbers. A float32 model is left as it is."""
+    from ldm_jax.models.layers import cast_to_compute_dtype
+
+    model = _model(NUM_CLASSES, jnp.bfloat16)
+    x, t, y = _inputs()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def both(state, x, t, y):
+        return nnx.merge(graphdef, state)(x, t, y), cast_to_compute_dtype(nnx.merge(graphdef, state))(x, t, y)
+
+    plain, cast = both(state, x, t, y)
+    np.testing.assert_array_equal(np.asarray(cast, np.float32), np.asarray(plain, np.float32))
+    shapes = jax.eval_shape(lambda st: nnx.state(cast_to_compute_dtype(nnx.merge(graphdef, st)), nnx.Param), state)
+    dtypes = {jax.tree_util.keystr(p): v.dtype for p, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    bf16 = {k for k, d in dtypes.items() if d == jnp.bfloat16}
+    assert any("conv_in" in k and "kernel" in k for k in bf16) and any("to_q" in k for k in bf16)
+    assert any("class_embedding" in k for k in bf16), sorted(bf16)[:5]
+    norms = [k for k in dtypes if "norm" in k]
+    assert norms and all(dtypes[k] == jnp.float32 for k in norms)
+    assert all(k in bf16 or "norm" in k for k in dtypes), sorted(set(dtypes) - bf16)
+    f32 = _model(NUM_CLASSES, jnp.float32)
+    cast_to_compute_dtype(f32)  # eager, outside any trace: a float32 model is unchanged
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(f32, nnx.Param)))
+
+
 def test_labels_null_class_and_timesteps_matter():
     model = _model()
     x, t, y = _inputs()

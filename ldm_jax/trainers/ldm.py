@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from ldm_jax import checkpointing, config_lib, data, diffusion, pretrained, sampling, sharding
 from ldm_jax import metric_writers as mw
 from ldm_jax.models.autoencoder import DiagonalGaussian
+from ldm_jax.models.layers import cast_to_compute_dtype
 from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.trainers import latent_cache
 from ldm_jax.trainers.common import (FlatState, check_workdir, clip_by_global_norm, dtype, finite_and_norm,
@@ -288,7 +289,8 @@ def make_sample_fn(models: Models, config: ml_collections.ConfigDict, sched, sha
     num_classes = int(config.model.num_classes)
 
     def sample_fn(params, rest, ae_state, key, labels, scale):
-        unet = nnx.merge(models.unet, params, rest)
+        # Converted to the compute dtype once, not at each of the sampler's steps.
+        unet = cast_to_compute_dtype(nnx.merge(models.unet, params, rest))
         if num_classes:
             model_fn = diffusion.classifier_free_guidance(
                 lambda x, t, y: unet(x, t, y), labels, num_classes, cfg_scale)
