@@ -137,6 +137,19 @@ def test_bf16_compute_close_to_fp32(random_lpips):
     out = _dist(bf, jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=5e-2)
+    # A bf16 LPIPS stores its (frozen) VGG weights in bf16, loaded weights included, so a
+    # step does not convert them at every call. ``bf`` above holds float32 weights converted
+    # at the call; XLA:CPU, which computes bf16 convolutions in float32, may drop that
+    # rounding (excess precision), hence a tolerance rather than equality.
+    stored = nnx.eval_shape(lambda: L.LPIPS(dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    weights = {k: np.asarray(v.get_value()) for k, v in L.frozen_weights(random_lpips).items()}
+    L.set_frozen_weights(stored, weights, "LPIPS")
+    dtypes = {k: v.get_value().dtype for k, v in L.frozen_weights(stored).items()}
+    vgg = {k for k in dtypes if k.startswith("vgg")}
+    assert len(vgg) == 26 and all(dtypes[k] == jnp.bfloat16 for k in vgg)
+    assert all(dtypes[k] == jnp.float32 for k in set(dtypes) - vgg)  # the heads
+    np.testing.assert_allclose(
+        _dist(stored, jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)), out, rtol=2e-3)
 
 
 @pytest.mark.parametrize("hw", [(2, 2), (1, 3), (2, 1), (1, 1)])

@@ -160,9 +160,7 @@ class VGG16Features(nnx.Module):
     (64, 128, 256, 512, 512 channels), in ``dtype``. A 2x2/2 max-pool precedes blocks 2-5.
     """
 
-    def __init__(
-        self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
-    ):
+    def __init__(self, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
         # torchvision's init: kaiming normal (fan_out, ReLU gain), zero bias. One normal
         # draw for all 13 kernels: much faster on CPU than 13 separately shaped draws.
@@ -173,8 +171,10 @@ class VGG16Features(nnx.Module):
             std = math.sqrt(2.0 / (9 * cout))
             kernel = (std * flat[start : start + size]).reshape(3, 3, cin, cout)
             start += size
-            bias = jnp.zeros((cout,), param_dtype)
-            setattr(self, name, _FrozenConv3x3(kernel.astype(param_dtype), bias, dtype=dtype))
+            # Frozen and only ever used in ``dtype``: stored in it, so a training step does
+            # not convert all 14.7M weights again at every call (files load into it as well).
+            bias = jnp.zeros((cout,), dtype)
+            setattr(self, name, _FrozenConv3x3(kernel.astype(dtype), bias, dtype=dtype))
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         outs: list[jax.Array] = []
@@ -215,7 +215,8 @@ class LPIPS(nnx.Module):
     """LPIPS v0.1 distance with a VGG16 trunk. ``__call__(x, y) -> [B]`` float32.
 
     ``x`` and ``y`` are NHWC images in [-1, 1] of any float dtype. The VGG runs in ``dtype``
-    (e.g. bf16); normalisation, differences and heads run in float32. All weights are
+    (e.g. bf16) and stores its weights in it; normalisation, differences and heads run in
+    float32 (heads stored in ``param_dtype``). All weights are
     ``FrozenWeight`` (never ``nnx.Param``), so optimizers of an enclosing model never see
     them; see the module docstring.
     """
@@ -224,7 +225,7 @@ class LPIPS(nnx.Module):
         self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
     ):
         self.dtype = dtype
-        self.vgg = VGG16Features(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vgg = VGG16Features(dtype=dtype, rngs=rngs)
         for k, c in enumerate(HEAD_CHANNELS):
             setattr(self, f"lin{k}", _Head(c, param_dtype=param_dtype))
 
