@@ -117,8 +117,10 @@ def cast_to_compute_dtype(model: nnx.Module) -> nnx.Module:
     """Cast, in place, the parameters that layers convert to their compute dtype at every
     call: the kernels and biases of ``Conv`` and ``nnx.Linear`` and the tables of
     ``nnx.Embed`` whose ``dtype`` differs from the parameter's. Norm parameters, which
-    GroupNorm uses in float32, are left alone. The model computes exactly what it computed
-    before (the same conversion, made once); returns ``model``.
+    GroupNorm uses in float32, are left alone. The model then makes the same conversions,
+    once (same numbers on a GPU; XLA:CPU, which runs bf16 convolutions in float32, may skip
+    a rounding that it otherwise keeps, so CPU results can differ in the last bf16 bit);
+    returns ``model``.
 
     For programs that call a model many times on the same parameters inside a loop, such as
     a sampler: XLA does not move the conversions out of the loop, so every iteration would
