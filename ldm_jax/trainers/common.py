@@ -59,22 +59,21 @@ def global_norm(tree, *, sharded: bool = False) -> jax.Array:
         x = x.astype(jnp.float32)
         return x * x
 
+    # One pass sorts each array into one of the three reductions.
     small_size = min(SMALL_ARRAY_ELEMENTS, MIN_FSDP_SIZE) if sharded else SMALL_ARRAY_ELEMENTS
-    small = [x.ravel() for x in leaves if x.size < small_size]
-    total = []
-    partials = None
+    small, total, partials = [], [], None
     for x in leaves:
         if x.size < small_size:
-            continue
-        if sharded or x.size % NORM_PARTIALS:
+            small.append(x.ravel())
+        elif sharded or x.size % NORM_PARTIALS:
             total.append(jnp.sum(squares(x)))
-            continue
-        rows = jnp.sum(squares(x).reshape(NORM_PARTIALS, -1), axis=1)
-        partials = rows if partials is None else partials + rows
+        else:
+            rows = jnp.sum(squares(x).reshape(NORM_PARTIALS, -1), axis=1)
+            partials = rows if partials is None else partials + rows
     if partials is not None:
         total.append(jnp.sum(partials))
     if small:
-        total.append(jnp.sum(squares(jnp.concatenate([x.astype(jnp.float32) for x in small]))))
+        total.append(jnp.sum(squares(jnp.concatenate(small, dtype=jnp.float32))))
     return jnp.sqrt(sum(total[1:], total[0]))
 
 

@@ -86,8 +86,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
     o = config.optim
     lr = lr_schedule(o.lr, o, config.num_train_steps)
-    clip = clip_by_global_norm(o.grad_clip_norm, sharded=params_sharded(config))
-    parts = [clip] if o.grad_clip_norm > 0 else []
+    parts = []
+    if o.grad_clip_norm > 0:
+        parts.append(clip_by_global_norm(o.grad_clip_norm, sharded=params_sharded(config)))
     parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*parts), lr
 
@@ -223,6 +224,7 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn
     step and their mean gradient is applied once (``common.microbatch_mean``)."""
     noised = make_noised_loss_fn(models, config, sched)
     n_micro = int(config.optim.grad_accum_steps)
+    sharded = params_sharded(config)
 
     def step_fn(state: TrainState, ae_state: Any, batch: dict, acc: Any):
         rng, *keys = jax.random.split(state.rng, 5)
@@ -242,7 +244,7 @@ def make_train_step(models: Models, config: ml_collections.ConfigDict, tx, lr_fn
         ema = jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32)
                                          + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
                            state.ema_params, params)
-        finite, gnorm = finite_and_norm(loss, grads, sharded=params_sharded(config))
+        finite, gnorm = finite_and_norm(loss, grads, sharded=sharded)
         new = tree_where(finite, dict(params=params, opt=opt, ema_params=ema),
                          dict(params=state.params, opt=state.opt, ema_params=state.ema_params))
         new_state = state.replace(**new, step=state.step + 1, rng=rng,
