@@ -211,12 +211,16 @@ def _norm64(tree) -> float:
 def _grad_tree():
     """A model's gradients in miniature: many small arrays (biases, norm scales), a few large
     ones, float32 and bfloat16."""
-    keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
-    tree = {f"bias{i}": jax.random.normal(next(keys), (32 + i,)) for i in range(40)}
-    tree["scale"] = jax.random.normal(next(keys), (64,)).astype(jnp.bfloat16)
-    tree["conv"] = jax.random.normal(next(keys), (64, 3, 3, 128))  # 73,728 = 72 * 1024 elements
-    tree["conv2"] = jax.random.normal(next(keys), (128, 3, 3, 64)).astype(jnp.bfloat16)
-    tree["dense"] = jax.random.normal(next(keys), (300, 300))  # 90,000: not a multiple of 1024
+    rng = np.random.default_rng(0)  # (numpy: eager jax.random would compile per shape)
+
+    def normal(shape, dtype=jnp.float32):
+        return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+    tree = {f"bias{i}": normal((32 + i,)) for i in range(40)}
+    tree["scale"] = normal((64,), jnp.bfloat16)
+    tree["conv"] = normal((64, 3, 3, 128))  # 73,728 = 72 * 1024 elements
+    tree["conv2"] = normal((128, 3, 3, 64), jnp.bfloat16)
+    tree["dense"] = normal((300, 300))  # 90,000: not a multiple of 1024
     return tree
 
 
@@ -231,23 +235,26 @@ def test_global_norm_in_few_reductions():
     assert common.SMALL_ARRAY_ELEMENTS == 2**16 and common.NORM_PARTIALS == 1024
     tree = _grad_tree()
     want = _norm64(tree)
-    got = jax.jit(global_norm)(tree)
+    compiled = jax.jit(global_norm).lower(tree).compile()
+    got = compiled(tree)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
-    hlo = jax.jit(global_norm).lower(tree).compile().as_text()
+    hlo = compiled.as_text()
     # small arrays: 1; conv, conv2: 1 each to 1024 partial sums, then 1; dense: 1.
     assert hlo.count(" reduce(") == 5, hlo.count(" reduce(")
     assert float(global_norm({})) == 0.0
     np.testing.assert_allclose(float(global_norm({"b": jnp.full((3,), 2.0)})), np.sqrt(12.0), rtol=1e-7)
     # The trainers' non-finite guard reads finiteness off this norm: a NaN or inf anywhere,
     # small array or large, makes it non-finite.
-    for name, bad in (("bias3", jnp.nan), ("dense", jnp.inf), ("scale", -jnp.inf), ("conv2", jnp.nan)):
-        broken = dict(tree, **{name: tree[name].at[0].set(bad)})
-        ok, norm = finite_and_norm(jnp.float32(1.0), broken)
+    guard = jax.jit(finite_and_norm)  # one program for every call below
+    for name, bad in (("bias3", np.nan), ("dense", np.inf), ("scale", -np.inf), ("conv2", np.nan)):
+        value = np.array(tree[name])
+        value.flat[0] = bad
+        ok, norm = guard(jnp.float32(1.0), dict(tree, **{name: jnp.asarray(value)}))
         assert not bool(ok) and not np.isfinite(float(norm)), name
-    ok, norm = finite_and_norm(jnp.float32(1.0), tree)
+    ok, norm = guard(jnp.float32(1.0), tree)
     assert bool(ok) and float(norm) == pytest.approx(want, rel=1e-6)
-    assert not bool(finite_and_norm(jnp.float32(jnp.nan), tree)[0])
+    assert not bool(guard(jnp.float32(jnp.nan), tree)[0])
 
 
 def test_global_norm_of_sharded_gradients_moves_no_arrays():
@@ -265,16 +272,16 @@ def test_global_norm_of_sharded_gradients_moves_no_arrays():
     shapes = [(64, 3, 3, 128), (128, 3, 3, 64), (300, 224), (224, 896), (20000,), (448,), (64, 3, 3, 4)]
     fsdp = sharding.make_mesh(dict(data=1, fsdp=8, num_devices=-1))
     dp = sharding.make_mesh(dict(data=8, fsdp=1, num_devices=-1))
-    keys = jax.random.split(jax.random.PRNGKey(1), len(shapes))
-    values = {f"a{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
+    rng = np.random.default_rng(1)
+    values = {f"a{i}": jnp.asarray(rng.standard_normal(s, np.float32)) for i, s in enumerate(shapes)}
     want = _norm64(values)
 
     def ops(mesh, sharded):
         specs = {k: sharding.param_spec(v.shape, mesh.shape["fsdp"]) for k, v in values.items()}
         tree = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k])) for k, v in values.items()}
-        fn = jax.jit(lambda t: global_norm(t, sharded=sharded))
-        hlo = fn.lower(tree).compile().as_text()
-        np.testing.assert_allclose(float(fn(tree)), want, rtol=1e-6)
+        compiled = jax.jit(lambda t: global_norm(t, sharded=sharded)).lower(tree).compile()
+        hlo = compiled.as_text()
+        np.testing.assert_allclose(float(compiled(tree)), want, rtol=1e-6)
         return {op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce")
                 if re.search(op + r"(-start)?\(", hlo)}, specs
 
@@ -297,7 +304,7 @@ def test_clip_by_global_norm_is_optax_clip(max_norm):
     state = ours.init(tree)
     assert type(state) is type(ref.init(tree)) and not jax.tree.leaves(state)
     got, _ = jax.jit(ours.update)(tree, state)
-    want, _ = ref.update(tree, ref.init(tree))
+    want, _ = jax.jit(ref.update)(tree, ref.init(tree))
     for k in tree:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-6, atol=1e-9, err_msg=k)
     assert _norm64(got) == pytest.approx(min(max_norm, _norm64(tree)), rel=1e-5)
