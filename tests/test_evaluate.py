@@ -14,6 +14,7 @@ import csv
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import save_test_autoencoder
+from conftest import build_numpy_init, save_test_autoencoder
 from ldm_jax import evaluate, metrics, pretrained
 from ldm_jax.convert.inception_weights import InceptionWeightsMissingError, save_inception_npz
 from ldm_jax.data import sources as sources_lib
@@ -57,15 +58,20 @@ def _image_pairs():
     return [("random", noise_x, noise_y), ("structured", struct_x, struct_y)]
 
 
+@jax.jit  # (as the evaluation runs them; one program for both cases, not one per eager op)
+def _all_metrics(x, y, h, w):
+    return metrics.psnr(x, y), metrics.ssim(x, y), metrics.region_metrics(x, y, h, w)
+
+
 @pytest.mark.parametrize("kind,x,y", _image_pairs(), ids=lambda v: v if isinstance(v, str) else "")
 def test_psnr_ssim_match_skimage(kind, x, y):
     want_p, want_s = _skimage_psnr_ssim(x, y)
     xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-    np.testing.assert_allclose(np.asarray(metrics.psnr(xj, yj)), want_p, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(metrics.ssim(xj, yj)), want_s, atol=1e-4, rtol=0)
-    # The masked variant used for full-size images gives the same on unpadded images.
     hw = jnp.asarray([x.shape[1]] * len(x)), jnp.asarray([x.shape[2]] * len(x))
-    r = metrics.region_metrics(xj, yj, *hw)
+    psnr, ssim, r = _all_metrics(xj, yj, *hw)
+    np.testing.assert_allclose(np.asarray(psnr), want_p, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(ssim), want_s, atol=1e-4, rtol=0)
+    # The masked variant used for full-size images gives the same on unpadded images.
     np.testing.assert_allclose(np.asarray(r["psnr"]), want_p, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(r["ssim"]), want_s, atol=1e-4, rtol=0)
 
@@ -76,11 +82,13 @@ def test_region_metrics_equal_metrics_of_the_crop():
     y = np.clip(x + rng.normal(0, 0.2, x.shape), -1, 1).astype(np.float32)
     pad = ((0, 0), (0, 56), (0, 66), (0, 0))
     xp, yp = np.pad(x, pad, mode="reflect"), np.pad(y, pad)  # padding differs on purpose
-    r = metrics.region_metrics(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray([200]), jnp.asarray([190]))
-    for name, fn in (("psnr", metrics.psnr), ("ssim", metrics.ssim), ("ms_ssim", metrics.ms_ssim)):
-        np.testing.assert_allclose(np.asarray(r[name]), np.asarray(fn(jnp.asarray(x), jnp.asarray(y))),
-                                   rtol=1e-5, err_msg=name)
-    small = metrics.region_metrics(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray([120]), jnp.asarray([190]))
+    region = jax.jit(metrics.region_metrics)
+    r = region(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray([200]), jnp.asarray([190]))
+    whole = jax.jit(lambda a, b: dict(psnr=metrics.psnr(a, b), ssim=metrics.ssim(a, b),
+                                      ms_ssim=metrics.ms_ssim(a, b)))(jnp.asarray(x), jnp.asarray(y))
+    for name in ("psnr", "ssim", "ms_ssim"):
+        np.testing.assert_allclose(np.asarray(r[name]), np.asarray(whole[name]), rtol=1e-5, err_msg=name)
+    small = region(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray([120]), jnp.asarray([190]))
     assert np.isnan(np.asarray(small["ms_ssim"])).all()  # below 176 px: no MS-SSIM
 
 
@@ -103,13 +111,13 @@ def test_ms_ssim_sanity():
 
 
 def test_lpips_region_equals_lpips_on_the_whole_image():
-    lp = LPIPS(rngs=nnx.Rngs(0))
+    lp = build_numpy_init(lambda: LPIPS(rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.uniform(-1, 1, (2, 40, 48, 3)), jnp.float32)
-    y = jnp.clip(x + 0.3 * jnp.asarray(rng.normal(size=x.shape), jnp.float32), -1, 1)
+    y = jnp.asarray(np.clip(np.asarray(x) + 0.3 * rng.normal(size=x.shape), -1, 1), jnp.float32)
     h, w = jnp.asarray([40, 40]), jnp.asarray([48, 48])
-    np.testing.assert_allclose(np.asarray(evaluate._lpips_region(lp, x, y, h, w)),
-                               np.asarray(lp(x, y)), rtol=1e-5)
+    region, whole = nnx.jit(lambda m, *a: (evaluate._lpips_region(m, *a), m(*a[:2])))(lp, x, y, h, w)
+    np.testing.assert_allclose(np.asarray(region), np.asarray(whole), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- data specs
@@ -208,8 +216,8 @@ def test_evaluate_autoencoder_end_to_end(ae_dir, inception_npz, tmp_path):
     del r_cfg
     ae, _, _ = pretrained.load_autoencoder(ae_dir)
     x = jnp.asarray(batch["image"])
-    rec = evaluate._q8(ae.decode(ae.encode(x).mode()))
-    assert float(metrics.psnr(x, rec)[0]) == pytest.approx(float(rows[0]["psnr"]), abs=1e-3)
+    psnr = nnx.jit(lambda m, x: metrics.psnr(x, evaluate._q8(m.decode(m.encode(x).mode()))))(ae, x)
+    assert float(psnr[0]) == pytest.approx(float(rows[0]["psnr"]), abs=1e-3)
 
 
 def _write_folder(root, n_good: int):
