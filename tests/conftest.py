@@ -27,8 +27,7 @@ def build_numpy_init(ctor, seed: int = 0):
     Eager random initialisation compiles one threefry kernel per parameter shape (seconds
     each on a small CPU); tests that need the architecture, not the initialiser, take
     their values from numpy instead: kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.1),
-    scales ~ 1 + N(0, 0.1), LPIPS head weights ~ U(0, 1), embeddings ~ N(0, 1), BatchNorm
-    running statistics (0, 1).
+    scales ~ 1 + N(0, 0.1), embeddings ~ N(0, 1), BatchNorm running statistics (0, 1).
     Any other state is an error, so a new kind of variable is not filled by accident.
     """
     import numpy as np
@@ -45,8 +44,6 @@ def build_numpy_init(ctor, seed: int = 0):
             v = rng.normal(0.0, 0.1, s.shape)
         elif name == "scale":
             v = 1.0 + rng.normal(0.0, 0.1, s.shape)
-        elif name == "weight":  # LPIPS heads: non-negative channel weights
-            v = rng.uniform(0.0, 1.0, s.shape)
         elif name == "embedding":
             v = rng.normal(0.0, 1.0, s.shape)
         elif name == "mean":
